@@ -1,0 +1,32 @@
+"""simpo_jax: SimPO preference optimization for Llama-3 and Mistral in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="simpo_jax",
+    version="0.1.0",
+    description="SimPO (Simple Preference Optimization) for Llama-3 and Mistral on TPU pods, in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["simpo_jax", "simpo_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml_dtypes>=0.5",
+        "numpy>=2.0",
+        "transformers>=4.44",
+        "datasets>=3.0",
+        "ml_collections>=1.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch is pinned: it is the CPU wheel; an unpinned torch pulls gigabytes of CUDA.
+        "test": ["pytest>=8", "torch==2.13.0"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+)

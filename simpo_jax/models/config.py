@@ -1,0 +1,232 @@
+"""Decoder architecture and runtime options, and their mapping to Hugging Face `config.json`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
+ATTENTION_IMPLS = ("xla", "jax")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A model configuration field is missing or has an unsupported value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (`linear`, or Llama-3.1's `llama3`)."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama-3 / Mistral decoder shape plus dtype, scan and remat options (hashable: it lives in the graphdef)."""
+
+    vocab_size: int = 128256
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # Runtime options (not part of the architecture).
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        _check(self.model_type in SUPPORTED_MODEL_TYPES, "model_type",
+               f"{self.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            _check(int(getattr(self, name)) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+               f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
+        _check(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+        _check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+        _check(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        _check(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
+               f"must be positive or None, got {self.sliding_window}")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            _check(rs.rope_type in ROPE_TYPES, "rope_scaling.rope_type",
+                   f"{rs.rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            _check(rs.factor > 0, "rope_scaling.factor", f"must be positive, got {rs.factor}")
+            if rs.rope_type == "llama3":
+                _check(rs.high_freq_factor > rs.low_freq_factor, "rope_scaling.high_freq_factor",
+                       "must exceed low_freq_factor")
+        _check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {sorted(DTYPES)}")
+        _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} is not one of {sorted(DTYPES)}")
+        _check(self.remat_policy in REMAT_POLICIES, "remat_policy",
+               f"{self.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+               f"{self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated); unknown field names raise ConfigError."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        _check(not unknown, sorted(unknown)[0] if unknown else "", "is not a ModelConfig field")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        d, f, h, n, k = self.hidden_size, self.intermediate_size, self.head_dim, self.num_heads, self.num_kv_heads
+        per_layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.num_layers * per_layer + self.vocab_size * d + head + d
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"model config field {field!r}: {message}")
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """Read RoPE theta and scaling from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`)."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_type" not in params and params:
+        # Per-layer-type form ({"full_attention": {...}}): not used by Llama/Mistral.
+        raise ConfigError("model config field 'rope_parameters': per-layer-type RoPE is not supported")
+    scaling = dict(params) if isinstance(params, dict) else dict(hf.get("rope_scaling") or {})
+    theta = scaling.pop("rope_theta", None)
+    if theta is None:
+        theta = hf.get("rope_theta")
+    if theta is None:
+        theta = 10000.0  # transformers' default when the field is absent
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"model config field 'rope_scaling.rope_type': {rope_type!r} is not supported "
+                          f"(supported: {', '.join(ROPE_TYPES)})")
+    fields = {f.name for f in dataclasses.fields(RopeScaling)}
+    kwargs = {k: v for k, v in scaling.items() if k in fields}
+    if rope_type == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in kwargs:
+                raise ConfigError(f"model config field 'rope_scaling.{key}': required for llama3 RoPE scaling")
+    elif "factor" not in kwargs:
+        raise ConfigError("model config field 'rope_scaling.factor': required for linear RoPE scaling")
+    return float(theta), RopeScaling(rope_type=rope_type, **kwargs)
+
+
+def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
+    """Build a ModelConfig from a Hugging Face `config.json` dict (transformers 4.x or 5.x form)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model config field 'model_type': {model_type!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if hf.get(field) is None:
+            raise ConfigError(f"model config field {field!r}: missing from config.json")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"model config field 'hidden_act': {act!r} is not supported (only 'silu')")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise ConfigError(f"model config field {field!r}: biases are not supported")
+    theta, scaling = _rope_from_hf(hf)
+    sliding = hf.get("sliding_window") if model_type == "mistral" else None
+    if model_type == "mistral" and hf.get("use_sliding_window") is False:
+        sliding = None
+    eos = hf.get("eos_token_id")
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=int(hf["num_attention_heads"]),
+        num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim") or None,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=int(sliding) if sliding else None,
+        model_type=model_type,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=hf.get("pad_token_id"),
+        **runtime,
+    )
+
+
+def to_hf_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+    """A `config.json` dict readable by transformers 4.x and 5.x alike (RoPE written in both forms)."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[cfg.model_type]
+    rope_v5: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope_v4 = None
+    if cfg.rope_scaling is not None:
+        rope_v4 = {k: v for k, v in dataclasses.asdict(cfg.rope_scaling).items()
+                   if cfg.rope_scaling.rope_type == "llama3" or k in ("rope_type", "factor")}
+        rope_v5.update(rope_v4)
+    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+    out = {
+        "architectures": [arch],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": False,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": cfg.pad_token_id,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_v4,
+        "rope_parameters": rope_v5,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "use_cache": True,
+    }
+    if cfg.model_type == "llama":
+        out["mlp_bias"] = False
+    else:
+        out["sliding_window"] = cfg.sliding_window
+    return out

@@ -1,0 +1,113 @@
+"""The Llama-3 / Mistral causal decoder: embeddings, (scanned, rematerialized) layers, final norm, LM head."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from simpo_jax.models.config import ModelConfig
+from simpo_jax.models.layers import DecoderLayer, RMSNorm, make_param, remat_policy
+from simpo_jax.models.rope import inverse_frequencies, rope_tables
+
+
+class DecoderOutput(NamedTuple):
+    """Logits `[batch, len, vocab]` in float32 (None when not requested) and final normed hidden states."""
+
+    logits: jax.Array | None
+    hidden: jax.Array
+
+
+def attention_mask(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Boolean `[batch, q, kv]` mask: causal, keys that are not padding, and within the sliding window."""
+    idx = jnp.arange(attention_mask.shape[1])
+    allowed = idx[None, :] <= idx[:, None]
+    if sliding_window is not None:
+        allowed &= (idx[:, None] - idx[None, :]) < sliding_window
+    return allowed[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def _stack_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One DecoderLayer whose parameters carry a leading `layers` axis (for `lax.scan`)."""
+    keys = jax.random.split(rngs.params(), cfg.num_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, nnx.Rngs(0))))
+    states = jax.vmap(lambda key: nnx.state(DecoderLayer(cfg, nnx.Rngs(params=key))))(keys)
+    stacked = nnx.merge(graphdef, states)
+    for _, var in nnx.iter_graph(stacked):
+        if isinstance(var, nnx.Variable):
+            var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
+    return stacked
+
+
+class Decoder(nnx.Module):
+    """Causal LM: `__call__(input_ids, positions, attention_mask) -> DecoderOutput(logits, hidden)`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        if cfg.scan_layers:
+            self.layers = _stack_layers(cfg, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, *, return_logits: bool = True) -> DecoderOutput:
+        """`input_ids`, `positions`, `attention_mask` are `[batch, len]`; mask 1 = token, 0 = padding."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        batch, length = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        mask = _mask_fn(attention_mask, cfg.sliding_window)
+        cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
+        x = jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(dt)
+        x = self._run_layers(x, cos, sin, mask)
+        hidden = self.norm(x).reshape(batch, length, cfg.hidden_size)
+        return DecoderOutput(self.logits(hidden) if return_logits else None, hidden)
+
+    def _run_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        policy = remat_policy(self.cfg.remat_policy)
+
+        def layer_fn(graphdef):
+            def apply(state, h):
+                return nnx.merge(graphdef, state)(h, cos, sin, mask)
+            if policy is None:
+                return apply
+            return jax.checkpoint(apply, policy=policy, prevent_cse=not self.cfg.scan_layers)
+
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            apply = layer_fn(graphdef)
+            x, _ = jax.lax.scan(lambda h, layer_state: (apply(layer_state, h), None), x, state)
+            return x
+        for layer in self.layers:
+            graphdef, state = nnx.split(layer)
+            x = layer_fn(graphdef)(state, x)
+        return x
+
+    def lm_head_kernel(self) -> jax.Array:
+        """The `[embed, vocab]` output projection (the transposed embedding when tied), in compute dtype."""
+        w = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.cfg.compute_dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project hidden states `[..., embed]` to float32 logits `[..., vocab]`."""
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_kernel(), preferred_element_type=jnp.float32)
+
+
+_mask_fn = attention_mask
+
+
+def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    """A randomly initialised decoder (normal(0.02) weights, unit norms) on the default device."""
+    return Decoder(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_decoder(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The decoder's graphdef and abstract state (`ShapeDtypeStruct` leaves): no memory allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0))))

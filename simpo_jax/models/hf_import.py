@@ -1,0 +1,105 @@
+"""Load a Hugging Face Llama/Mistral directory (config.json + safetensors) into a Decoder, without torch.
+
+With a mesh, every parameter is built by `jax.make_array_from_callback`: each device's block is read
+straight from the memory-mapped file, so no host ever holds a whole (70B) model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from simpo_jax.models.config import ModelConfig, from_hf_dict
+from simpo_jax.models.decoder import Decoder, abstract_decoder
+from simpo_jax.models.safetensors_io import CheckpointError, CheckpointReader
+from simpo_jax.models.weight_map import ParamEntry, iter_params
+from simpo_jax.sharding import DEFAULT_RULES, state_shardings
+
+log = logging.getLogger(__name__)
+
+
+def read_hf_config(path: str, **runtime: Any) -> ModelConfig:
+    """The ModelConfig of a Hugging Face model directory; `runtime` sets dtype, scan and remat options."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path}: no config.json")
+    with open(config_path) as f:
+        return from_hf_dict(json.load(f), **runtime)
+
+
+def check_checkpoint(cfg: ModelConfig, abstract_state: Any, reader: CheckpointReader) -> list[str]:
+    """Raise CheckpointError on a missing or mis-shaped tensor; return the names of unused tensors."""
+    used: set[str] = set()
+    missing: list[str] = []
+    for entry, var in iter_params(cfg, abstract_state):
+        expected = entry.layout.hf_shape(entry.layer_shape(var.shape))
+        for name in entry.hf_names:
+            if name not in reader:
+                missing.append(name)
+                continue
+            if reader.shape(name) != expected:
+                raise CheckpointError(f"{reader.directory}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                                      f"the config implies {list(expected)}")
+            used.add(name)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]!r}{more}")
+    return [n for n in reader.names() if n not in used]
+
+
+def _read_block(reader: CheckpointReader, entry: ParamEntry, shape: tuple[int, ...], index: tuple[slice, ...],
+                dtype) -> np.ndarray:
+    """Our-layout block `index` of one parameter, read from the files and cast to `dtype`."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if not entry.stacked:
+        return entry.layout.read(reader.array(entry.hf_names[0]), shape, index).astype(dtype)
+    layers = range(*index[0].indices(shape[0]))
+    blocks = [entry.layout.read(reader.array(entry.hf_names[i]), shape[1:], index[1:]) for i in layers]
+    return np.stack(blocks).astype(dtype)
+
+
+def load_hf(path: str, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+            strict: bool = False, **runtime: Any) -> Decoder:
+    """Load a Hugging Face checkpoint directory into a Decoder, sharded on `mesh` when given.
+
+    `runtime` overrides ModelConfig runtime fields (`dtype`, `param_dtype`, `scan_layers`, `remat_policy`,
+    `attention_impl`). Tensors the model does not use are reported (a warning), or raise when `strict`.
+    """
+    cfg = read_hf_config(path, **runtime)
+    graphdef, abstract = abstract_decoder(cfg)
+    reader = CheckpointReader(path)
+    unused = check_checkpoint(cfg, abstract, reader)
+    if unused:
+        message = f"{path}: {len(unused)} tensor(s) not used by the model: {', '.join(unused[:8])}" + (
+            " ..." if len(unused) > 8 else "")
+        if strict:
+            raise CheckpointError(message)
+        warnings.warn(message, stacklevel=2)
+    dtype = np.dtype(cfg.weight_dtype)
+    shardings = state_shardings(abstract, mesh, rules) if mesh is not None else None
+    entries = {id(var): entry for entry, var in iter_params(cfg, abstract)}
+
+    def load(var: nnx.Variable, sharding: Any = None) -> nnx.Variable:
+        entry, shape = entries[id(var)], tuple(var.shape)
+        if sharding is None:
+            return var.replace(jnp.asarray(_read_block(reader, entry, shape, (), dtype)))
+        array = jax.make_array_from_callback(
+            shape, sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding,
+            lambda index: _read_block(reader, entry, shape, index, dtype))
+        return var.replace(array)
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    if shardings is None:
+        state = jax.tree.map(load, abstract, is_leaf=is_var)
+    else:
+        state = jax.tree.map(load, abstract, shardings, is_leaf=is_var)
+    log.info("loaded %s (%d parameters) from %s", cfg.model_type, cfg.num_params(), path)
+    return nnx.merge(graphdef, state)

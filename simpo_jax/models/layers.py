@@ -1,0 +1,128 @@
+"""Decoder building blocks (RMSNorm, grouped-query attention, SwiGLU MLP, decoder layer) as Flax NNX modules.
+
+Every parameter is an `nnx.Param` with `logical_axes` metadata (MaxText vocabulary: `embed`, `vocab`,
+`heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, and `layers` for stacked weights); `simpo_jax.sharding`
+maps those names onto mesh axes. Dense activations stay 2-D `(tokens, features)`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from simpo_jax.models.config import ModelConfig
+from simpo_jax.models.rope import apply_rope
+
+INIT_STD = 0.02
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives uniform weights, not NaN
+
+
+def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
+               init: str = "normal") -> nnx.Param:
+    """A parameter of `cfg.param_dtype` carrying its logical axis names."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "ones":
+        value = jnp.ones(shape, cfg.weight_dtype)
+    else:
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+        value = value.astype(cfg.weight_dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, as transformers' LlamaRMSNorm."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.eps = cfg.rms_norm_eps
+        self.weight = make_param(None, (cfg.hidden_size,), ("norm",), cfg, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE and an explicit boolean mask."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = make_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
+        self.k_proj = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v_proj = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o_proj = make_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """`x [tokens, embed]`, rope tables `[tokens, head_dim]`, `mask [batch, q_len, kv_len]` (True = attend)."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        batch, length = mask.shape[0], mask.shape[1]
+        q = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.q_proj[...].astype(dt)), "query_proj")
+        k = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.k_proj[...].astype(dt)), "key_proj")
+        v = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.v_proj[...].astype(dt)), "value_proj")
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        q = q.reshape(batch, length, kv, groups, h)
+        k = k.reshape(batch, length, kv, h)
+        v = v.reshape(batch, length, kv, h)
+        if cfg.attention_impl == "jax":
+            out = jax.nn.dot_product_attention(
+                q.reshape(batch, length, kv * groups, h), k, v, mask=mask[:, None], scale=h ** -0.5)
+        else:
+            scores = jnp.einsum("blkgh,bskh->bkgls", q, k) * jnp.asarray(h ** -0.5, dt)
+            scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASKED)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
+        out = out.reshape(batch * length, cfg.num_heads, h)
+        return checkpoint_name(jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(dt)), "out_proj")
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.up_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.down_proj = make_param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.cfg.compute_dtype
+        gate = checkpoint_name(x @ self.gate_proj[...].astype(dt), "mlpwi_0")
+        up = checkpoint_name(x @ self.up_proj[...].astype(dt), "mlpwi_1")
+        return checkpoint_name((jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt), "mlpwo")
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer layer: attention then MLP, each with a residual connection."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+_QKV = ("query_proj", "key_proj", "value_proj")
+
+
+def remat_policy(name: str) -> Callable | None:
+    """The `jax.checkpoint` policy for a named remat policy (MaxText names); None means no remat."""
+    cp = jax.checkpoint_policies
+    policies = {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "minimal": cp.dots_with_no_batch_dims_saveable,
+        "save_dots": cp.dots_saveable,
+        "save_qkv_proj": cp.save_only_these_names(*_QKV),
+        "save_dot_except_mlp": cp.save_only_these_names(*_QKV, "out_proj"),
+    }
+    return policies[name]

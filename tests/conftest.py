@@ -1,0 +1,103 @@
+"""Shared test helpers: tiny Hugging Face reference models and multi-device subprocess runs."""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+DEVICES_ENV = "SIMPO_TEST_DEVICES"
+
+# Tiny configurations of each supported family (transformers kwargs).
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+            initializer_range=0.1)  # larger than 0.02 so that attention patterns (RoPE, masks) matter
+HF_VARIANTS = {
+    # Llama-3: GQA, theta 500000.
+    "llama3": ("llama", dict(rope_theta=500000.0)),
+    # Llama-3.1: llama3 RoPE scaling; the tiny original context (16) is shorter than the test sequences.
+    "llama31": ("llama", dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    # Llama-3.2 1B/3B: tied input/output embeddings.
+    "llama32_tied": ("llama", dict(rope_theta=500000.0, tie_word_embeddings=True)),
+    # Mistral v0.1: sliding-window attention (window shorter than the test sequences), theta 1e4.
+    "mistral_v01": ("mistral", dict(rope_theta=10000.0, sliding_window=7)),
+    # Mistral v0.2/v0.3: no window, theta 1e6.
+    "mistral_v03": ("mistral", dict(rope_theta=1000000.0, sliding_window=None)),
+}
+
+
+def make_hf_model(variant: str, out_dir, seed: int = 0, **overrides):
+    """Build, save (fp32 safetensors) and return a tiny random transformers model of `variant`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    family, extra = HF_VARIANTS[variant]
+    kwargs = {**TINY, **extra, **overrides}
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    else:
+        model = MistralForCausalLM(MistralConfig(**kwargs))
+    model.config._attn_implementation = "eager"
+    model.eval()
+    model.save_pretrained(str(out_dir))
+    return model
+
+
+def right_padded_batch(vocab: int, batch: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random token ids and a right-padding mask with varied lengths (one row full, one very short)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, length), dtype=np.int64)
+    lengths = rng.integers(2, length + 1, batch)
+    lengths[0], lengths[-1] = length, 3
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    return ids, mask
+
+
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """fp32 logits of a transformers model."""
+    import torch
+
+    with torch.no_grad():
+        kwargs = {"attention_mask": torch.from_numpy(mask)} if mask is not None else {}
+        return model(input_ids=torch.from_numpy(ids), **kwargs).logits.float().numpy()
+
+
+def multi_device(count: int):
+    """Run the decorated test in a subprocess that sees `count` fake CPU devices.
+
+    The flag that fakes devices slows all compute, so it is never set for the main test process.
+    """
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if os.environ.get(DEVICES_ENV) == str(count):
+                return fn(*args, **kwargs)
+            env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+                       **{DEVICES_ENV: str(count)})
+            node = f"{inspect.getsourcefile(fn)}::{fn.__name__}"
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", node],
+                                  env=env, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, f"{node} failed with {count} devices:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+
+        return wrapper
+
+    return decorate
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A factory: `hf_dir(variant, **overrides) -> (directory, torch model)`."""
+
+    def build(variant: str, **overrides):
+        path = tmp_path / variant
+        return str(path), make_hf_model(variant, path, **overrides)
+
+    return build
