@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # torch is pinned: it is the CPU wheel; an unpinned torch pulls gigabytes of CUDA.
-        "test": ["pytest>=8", "torch==2.13.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "trl>=1.0"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
 )

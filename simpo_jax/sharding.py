@@ -1,18 +1,30 @@
-"""Logical-axis rules: map the model's parameter axis names onto a device mesh (`data`, `fsdp`, `tensor`)."""
+"""Device meshes (`data`, `fsdp`, `tensor`; ICI x DCN for multi-slice) and logical-axis rules.
+
+Parameters and activations are annotated with logical axis names; `DEFAULT_RULES` maps those onto mesh
+axes. Activation constraints apply only inside `with activation_sharding(mesh, rules):`, so the model
+runs unchanged on one device.
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from simpo_jax.errors import check
+
 MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, Any]]
 
 # Logical axis -> mesh axis (or axes, or None = replicated). FSDP shards the embedding dimension of every
-# weight; tensor parallelism shards heads, MLP width and vocabulary.
+# weight; tensor parallelism shards heads, MLP width and vocabulary; the batch is split over data x fsdp.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -22,28 +34,68 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_tokens", ("data", "fsdp")),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with the given axis sizes in order; one size may be -1 to take the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
-    names, sizes = list(shape), [int(s) for s in shape.values()]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh shape {dict(shape)}: at most one axis may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {dict(shape)} does not divide the {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
-                         f"have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes within a slice (ICI) and across slices (DCN); one ICI size may be -1 (fill)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+
+    def ici_shape(self, num_devices: int) -> tuple[int, int, int]:
+        """ICI sizes with -1 resolved; raises ConfigError naming `mesh` when they do not fit the devices."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        dcn = self.dcn_data * self.dcn_fsdp
+        check(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1, "mesh", "data/fsdp/tensor",
+              f"sizes must be positive with at most one -1, got {sizes}")
+        check(self.dcn_data >= 1 and self.dcn_fsdp >= 1, "mesh", "dcn_data/dcn_fsdp", "must be >= 1")
+        check(num_devices % dcn == 0, "mesh", "dcn_data/dcn_fsdp",
+              f"{dcn} slices do not divide the {num_devices} devices")
+        per_slice = num_devices // dcn
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            check(per_slice % known == 0, "mesh", "data/fsdp/tensor",
+                  f"shape {sizes} does not divide the {per_slice} devices per slice")
+            sizes[sizes.index(-1)] = per_slice // known
+        check(math.prod(sizes) == per_slice, "mesh", "data/fsdp/tensor",
+              f"shape {sizes} needs {math.prod(sizes) * dcn} devices, have {num_devices}")
+        return tuple(sizes)  # type: ignore[return-value]
+
+    def build(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        """The mesh over `devices` (default: all), topology-aware on TPU."""
+        devices = list(devices if devices is not None else jax.devices())
+        ici = self.ici_shape(len(devices))
+        dcn = (self.dcn_data, self.dcn_fsdp, 1)
+        if math.prod(dcn) > 1:
+            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        else:
+            try:
+                grid = mesh_utils.create_device_mesh(ici, devices)
+            except (ValueError, NotImplementedError, AssertionError):
+                grid = np.asarray(devices).reshape(ici)
+        return Mesh(grid, MESH_AXES)
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `data` x `fsdp` x `tensor` mesh from a dict of axis sizes (missing axes are 1, one may be -1)."""
+    unknown = set(shape) - set(MESH_AXES)
+    check(not unknown, "mesh", ",".join(sorted(unknown)), f"unknown mesh axis (axes: {', '.join(MESH_AXES)})")
+    return MeshConfig(**{a: int(shape.get(a, 1)) for a in MESH_AXES}).build(devices)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+                    rules: Rules = DEFAULT_RULES) -> PartitionSpec:
     """PartitionSpec for one array: each dim takes its rule's mesh axes that exist, are unused and divide it."""
     table = dict(rules)
     used: set[str] = set()
@@ -51,10 +103,10 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     for name, size in zip(axes, shape):
         target = table.get(name) if name is not None else None
         targets = (target,) if isinstance(target, str) else tuple(target or ())
-        chosen = []
+        chosen: list[str] = []
         for axis in targets:
-            if axis in mesh.shape and axis not in used and size % (math.prod(mesh.shape[a] for a in chosen)
-                                                                   * mesh.shape[axis]) == 0:
+            ways = math.prod(mesh.shape[a] for a in chosen)
+            if axis in mesh.shape and axis not in used and size % (ways * mesh.shape[axis]) == 0:
                 chosen.append(axis)
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
@@ -67,12 +119,50 @@ def variable_axes(var: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(axes) if axes is not None else (None,) * len(var.shape)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for every variable of an (abstract) NNX state, same tree structure."""
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for every leaf of a tree holding NNX variables (e.g. params or optimizer state).
 
-    def one(var):
-        if isinstance(var, nnx.Variable):
-            return var.replace(NamedSharding(mesh, logical_to_spec(variable_axes(var), var.shape, mesh, rules)))
+    Variables are placed by their logical axes; any other array leaf (step counters) is replicated.
+    """
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(NamedSharding(mesh, logical_to_spec(variable_axes(leaf), leaf.shape, mesh, rules)))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a `[batch, ...]` array: the batch over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(dict(rules).get("activation_batch")))
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways the batch is split."""
+    target = dict(rules).get("activation_batch")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """Within this context (at trace time), `constrain` pins activations to the mesh."""
+    previous = getattr(_ACTIVE, "value", None)
+    _ACTIVE.value = (mesh, tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.value = previous
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axes inside `activation_sharding`; identity outside it."""
+    active = getattr(_ACTIVE, "value", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))

@@ -6,15 +6,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from simpo_jax.errors import ConfigError, check
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
 ATTENTION_IMPLS = ("xla", "jax")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class ConfigError(ValueError):
-    """A model configuration field is missing or has an unsupported value."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +113,7 @@ class ModelConfig:
 
 
 def _check(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"model config field {field!r}: {message}")
+    check(ok, "model", field, message)
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from simpo_jax.models.config import ModelConfig
-from simpo_jax.models.layers import DecoderLayer, RMSNorm, make_param, remat_policy
+from simpo_jax.models.layers import TOKENS_EMBED, DecoderLayer, RMSNorm, make_param, remat_policy
 from simpo_jax.models.rope import inverse_frequencies, rope_tables
+from simpo_jax.sharding import constrain
 
 
 class DecoderOutput(NamedTuple):
@@ -65,9 +66,10 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones((batch, length), jnp.int32)
         mask = _mask_fn(attention_mask, cfg.sliding_window)
         cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
-        x = jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(dt)
+        x = constrain(jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(dt), TOKENS_EMBED)
         x = self._run_layers(x, cos, sin, mask)
         hidden = self.norm(x).reshape(batch, length, cfg.hidden_size)
+        hidden = constrain(hidden, ("activation_batch", None, "activation_embed"))
         return DecoderOutput(self.logits(hidden) if return_logits else None, hidden)
 
     def _run_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:

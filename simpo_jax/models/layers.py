@@ -15,6 +15,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.rope import apply_rope
+from simpo_jax.sharding import constrain
+
+TOKENS_HEADS = ("activation_tokens", "activation_heads", None)
+TOKENS_EMBED = ("activation_tokens", "activation_embed")
 
 INIT_STD = 0.02
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives uniform weights, not NaN
@@ -63,6 +67,7 @@ class Attention(nnx.Module):
         q = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.q_proj[...].astype(dt)), "query_proj")
         k = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.k_proj[...].astype(dt)), "key_proj")
         v = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.v_proj[...].astype(dt)), "value_proj")
+        q, k, v = (constrain(t, TOKENS_HEADS) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         q = q.reshape(batch, length, kv, groups, h)
@@ -94,7 +99,8 @@ class MLP(nnx.Module):
         dt = self.cfg.compute_dtype
         gate = checkpoint_name(x @ self.gate_proj[...].astype(dt), "mlpwi_0")
         up = checkpoint_name(x @ self.up_proj[...].astype(dt), "mlpwi_1")
-        return checkpoint_name((jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt), "mlpwo")
+        hidden = constrain(jax.nn.silu(gate) * up, ("activation_tokens", "activation_mlp"))
+        return checkpoint_name(hidden @ self.down_proj[...].astype(dt), "mlpwo")
 
 
 class DecoderLayer(nnx.Module):
@@ -107,8 +113,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = constrain(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), TOKENS_EMBED)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), TOKENS_EMBED)
 
 
 _QKV = ("query_proj", "key_proj", "value_proj")

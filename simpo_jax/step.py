@@ -1,0 +1,222 @@
+"""The sharded train and eval steps: pure functions of `(graphdef, state)` compiled with explicit shardings.
+
+A batch is a dict of `[pairs, length]` arrays: `{chosen,rejected}_{input_ids,attention_mask,loss_mask}`
+(right-padded to one length; `loss_mask` marks response tokens), plus `reference_{chosen,rejected}_logps`
+`[pairs]` when reference log-probs are precomputed. Chosen and rejected rows are interleaved into one
+forward pass (so each device's pairs stay on it). Gradient accumulation scans over micro-batches and
+normalizes by whole-batch counts, so its result equals the full batch exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from simpo_jax.errors import check
+from simpo_jax.logprobs import sequence_logps
+from simpo_jax.losses import BatchStats, LossConfig, PairLogps, compute_loss, kto_kl
+from simpo_jax.models.config import ModelConfig
+from simpo_jax.models.decoder import Decoder
+from simpo_jax.sharding import (DEFAULT_RULES, Rules, activation_sharding, batch_sharding, data_parallel_size,
+                                state_shardings)
+
+BATCH_KEYS = tuple(f"{side}_{field}" for side in ("chosen", "rejected")
+                   for field in ("input_ids", "attention_mask", "loss_mask"))
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Micro-batching, log-prob chunking and where reference log-probs come from."""
+
+    micro_batches: int = 1
+    logprob_chunk_len: int = 256
+    reference: str = "model"  # model (frozen params) | precomputed (batch columns); DPO-style losses only
+
+    def validate(self) -> "StepConfig":
+        check(self.micro_batches >= 1, "step", "micro_batches", f"must be >= 1, got {self.micro_batches}")
+        check(self.logprob_chunk_len >= 1, "step", "logprob_chunk_len", "must be >= 1")
+        check(self.reference in ("model", "precomputed"), "step", "reference",
+              f"{self.reference!r} is not model or precomputed")
+        return self
+
+
+class TrainState(NamedTuple):
+    """Everything a step updates: step counter, parameters, optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: dict, chunk_len: int) -> tuple[PairLogps, jax.Array]:
+    """Policy log-probs of chosen and rejected in one forward pass; also `[2]` sums of raw logits."""
+    def interleave(key):
+        chosen, rejected = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
+        return jnp.stack([chosen, rejected], axis=1).reshape(-1, chosen.shape[1])
+
+    model: Decoder = nnx.merge(graphdef, params)
+    s = sequence_logps(model, interleave("input_ids"), interleave("attention_mask"), interleave("loss_mask"),
+                       chunk_len)
+    logp, tokens = s.logp_sum.reshape(-1, 2), s.tokens.reshape(-1, 2)
+    logits_sums = jnp.sum(s.logits_sum.reshape(-1, 2), axis=0)
+    return PairLogps(logp[:, 0], logp[:, 1], tokens[:, 0], tokens[:, 1]), logits_sums
+
+
+def split_micro_batches(batch: dict, count: int) -> dict:
+    """`[B, ...] -> [count, B / count, ...]`, taking rows i, i+count, ... into micro-batch i (no data movement
+    between devices: each device's contiguous rows spread evenly over the micro-batches)."""
+    return {k: jnp.moveaxis(v.reshape(v.shape[0] // count, count, *v.shape[1:]), 1, 0) for k, v in batch.items()}
+
+
+class StepFunctions(NamedTuple):
+    """Compiled steps and the shardings they were compiled for."""
+
+    train: Callable  # (state, batch[, ref_params]) -> (state, metrics); state is donated
+    eval: Callable  # (params, batch[, ref_params]) -> metrics
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+
+
+def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossConfig, step_cfg: StepConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, state_sh: TrainState,
+               global_batch: int, rules: Rules = DEFAULT_RULES) -> StepFunctions:
+    """Validate the configuration (before any compilation) and build the jitted train/eval steps."""
+    loss_cfg.validate()
+    step_cfg.validate()
+    m, dp = step_cfg.micro_batches, data_parallel_size(mesh, rules)
+    check(global_batch % (dp * m) == 0, "train", "batch_size",
+          f"global batch {global_batch} is not divisible by data-parallel size {dp} x micro_batches {m}")
+    use_ref_model = loss_cfg.needs_reference and step_cfg.reference == "model"
+    chunk, vocab = step_cfg.logprob_chunk_len, model_cfg.vocab_size
+
+    def totals(batch):
+        mask = lambda k: batch[k].astype(jnp.float32)  # noqa: E731
+        return {"pairs": jnp.asarray(batch["chosen_input_ids"].shape[0], jnp.float32),
+                "chosen_tokens": jnp.sum(mask("chosen_loss_mask")[:, 1:]),
+                "positions": jnp.stack([jnp.sum(mask("chosen_attention_mask")),
+                                        jnp.sum(mask("rejected_attention_mask"))]) * vocab}
+
+    def reference_logps(policy, batch, ref_params):
+        if not loss_cfg.needs_reference:
+            return None
+        if not use_ref_model:
+            return PairLogps(batch[REFERENCE_KEYS[0]].astype(jnp.float32), batch[REFERENCE_KEYS[1]].astype(
+                jnp.float32), policy.chosen_tokens, policy.rejected_tokens)
+        return pair_logps(graphdef, jax.lax.stop_gradient(ref_params), batch, chunk)[0]
+
+    def loss_fn(params, batch, ref_params, stats, tot):
+        policy, logits_sums = pair_logps(graphdef, params, batch, chunk)
+        loss, metrics = compute_loss(loss_cfg, policy, reference_logps(policy, batch, ref_params), stats)
+        metrics["logits/chosen"], metrics["logits/rejected"] = logits_sums / tot["positions"]
+        return loss, metrics
+
+    def whole_batch_stats(params, micro, ref_params, tot):
+        kl = None
+        if loss_cfg.name == "kto" and m > 1:  # KTO's reference point needs the whole batch's log-ratios
+            def forward(_, mb):
+                policy = pair_logps(graphdef, params, mb, chunk)[0]
+                return None, (policy, reference_logps(policy, mb, ref_params))
+            _, (pol, ref) = jax.lax.scan(forward, None, micro)
+            kl = kto_kl(*(jax.tree.map(lambda x: x.reshape(-1), t) for t in (pol, ref)), loss_cfg)
+        return BatchStats(tot["pairs"], tot["chosen_tokens"], kl)
+
+    def accumulate(fn, params, batch, ref_params):
+        """Sum `fn(micro-batch)` over micro-batches (a scan), with whole-batch normalizers."""
+        tot, micro = totals(batch), split_micro_batches(batch, m)
+        stats = whole_batch_stats(params, micro, ref_params, tot)
+        if m == 1:
+            return fn(params, batch, ref_params, stats, tot)
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, params, first, ref_params, stats, tot))
+        body = lambda acc, mb: (jax.tree.map(jnp.add, acc, fn(params, mb, ref_params, stats, tot)), None)  # noqa
+        return jax.lax.scan(body, zeros, micro)[0]
+
+    def train_step(state: TrainState, batch: dict, ref_params: Any = None):
+        with activation_sharding(mesh, rules):
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, metrics), grads = accumulate(grad_fn, state.params, batch, ref_params)
+        grads = jax.lax.with_sharding_constraint(grads, param_sh)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics |= {"grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def eval_step(params: Any, batch: dict, ref_params: Any = None):
+        with activation_sharding(mesh, rules):
+            return accumulate(loss_fn, params, batch, ref_params)[1]
+
+    param_sh, batch_sh = _plain(state_sh.params), batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    ref_sh = (param_sh,) if use_ref_model else ()
+    train = jax.jit(train_step, in_shardings=(_plain(state_sh), batch_sh, *ref_sh),
+                    out_shardings=(_plain(state_sh), replicated), donate_argnums=(0,))
+    evaluate = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, *ref_sh), out_shardings=replicated)
+    return StepFunctions(_checked(train, loss_cfg, step_cfg, use_ref_model, global_batch),
+                         _checked(evaluate, loss_cfg, step_cfg, use_ref_model, None), state_sh, batch_sh)
+
+
+def _plain(tree: Any) -> Any:
+    """Shardings with NNX Variable containers unwrapped, as jit's in/out_shardings expect."""
+    return jax.tree.map(lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _checked(fn: Callable, loss_cfg: LossConfig, step_cfg: StepConfig, use_ref_model: bool,
+             global_batch: int | None) -> Callable:
+    """Check a batch's keys and size (and the reference params) before calling the compiled step."""
+    def call(state_or_params, batch, ref_params=None):
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if loss_cfg.needs_reference and not use_ref_model:
+            missing += [k for k in REFERENCE_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"batch is missing {', '.join(missing)}")
+        size = batch["chosen_input_ids"].shape[0]
+        if global_batch is not None and size != global_batch:
+            raise ValueError(f"batch has {size} pairs, the step was built for batch_size={global_batch}")
+        if size % step_cfg.micro_batches:
+            raise ValueError(f"batch of {size} pairs is not divisible by micro_batches={step_cfg.micro_batches}")
+        if use_ref_model and ref_params is None:
+            raise ValueError(f"loss {loss_cfg.name!r} with step.reference='model' needs reference params")
+        if use_ref_model and global_batch is not None:
+            donated = {id(x) for x in jax.tree.leaves(state_or_params)}
+            if any(id(x) in donated for x in jax.tree.leaves(ref_params)):
+                raise ValueError("reference params share buffers with the train state, which the step donates: "
+                                 "pass a copy (simpo_jax.step.copy_params)")
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS + REFERENCE_KEYS}
+        if not (loss_cfg.needs_reference and not use_ref_model):
+            batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+        return fn(state_or_params, batch, ref_params) if use_ref_model else fn(state_or_params, batch)
+
+    call.jitted = fn  # for .lower(...) / ahead-of-time compilation
+    return call
+
+
+def copy_params(params: Any) -> Any:
+    """A copy of (sharded) params with their own buffers, e.g. a frozen reference model."""
+    return jax.tree.map(jnp.copy, params)
+
+
+def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0,
+                  rules: Rules = DEFAULT_RULES) -> tuple[nnx.GraphDef, Any]:
+    """A randomly initialised decoder created directly in its sharded layout (no host copy)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=seed))))
+    shardings = _plain(state_shardings(abstract, mesh, rules))
+    params = jax.jit(lambda: nnx.state(Decoder(cfg, nnx.Rngs(params=seed))), out_shardings=shardings)()
+    return graphdef, params
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh,
+                     rules: Rules = DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """Wrap sharded params with a sharded optimizer state; returns (state, its shardings)."""
+    param_sh = state_shardings(params, mesh, rules)
+    opt_sh = state_shardings(jax.eval_shape(tx.init, params), mesh, rules)
+    state_sh = TrainState(NamedSharding(mesh, PartitionSpec()), param_sh, opt_sh)
+    init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                   in_shardings=(_plain(param_sh),), out_shardings=_plain(state_sh), donate_argnums=(0,))
+    return init(params), state_sh
