@@ -9,6 +9,7 @@ normalizes by whole-batch counts, so its result equals the full batch exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -144,7 +145,7 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
         grads = jax.lax.with_sharding_constraint(grads, param_sh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics |= {"grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        metrics |= {"grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def eval_step(params: Any, batch: dict, ref_params: Any = None):
@@ -205,10 +206,18 @@ def copy_params(params: Any) -> Any:
 def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0,
                   rules: Rules = DEFAULT_RULES) -> tuple[nnx.GraphDef, Any]:
     """A randomly initialised decoder created directly in its sharded layout (no host copy)."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=seed))))
+    graphdef, init = _sharded_init(cfg, mesh, tuple(rules))
+    return graphdef, init(jnp.asarray(seed, jnp.uint32))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> tuple[nnx.GraphDef, Callable]:
+    """The graphdef and a compiled `seed -> params` initializer (cached: compiling it takes seconds on CPU)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0))))
     shardings = _plain(state_shardings(abstract, mesh, rules))
-    params = jax.jit(lambda: nnx.state(Decoder(cfg, nnx.Rngs(params=seed))), out_shardings=shardings)()
-    return graphdef, params
+    init = jax.jit(lambda seed: nnx.state(Decoder(cfg, nnx.Rngs(params=jax.random.key(seed)))),
+                   out_shardings=shardings)
+    return graphdef, init
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh,
