@@ -77,8 +77,11 @@ class MeshConfig:
         devices = list(devices if devices is not None else jax.devices())
         ici = self.ici_shape(len(devices))
         dcn = (self.dcn_data, self.dcn_fsdp, 1)
-        if math.prod(dcn) > 1:
+        if math.prod(dcn) > 1 and all(hasattr(d, "slice_index") for d in devices):
             grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        elif math.prod(dcn) > 1:  # no slice information (CPU tests): consecutive devices form a slice
+            grid = np.asarray(devices).reshape(*dcn, *ici).transpose(0, 3, 1, 4, 2, 5)
+            grid = grid.reshape([a * b for a, b in zip(dcn, ici)])
         else:
             try:
                 grid = mesh_utils.create_device_mesh(ici, devices)

@@ -48,3 +48,18 @@ def test_meshes_agree_and_shard_as_the_rules_say():
             assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
         for key, value in base_params.items():
             np.testing.assert_allclose(params[key], value, atol=1e-5, err_msg=f"{name} {key}")
+
+
+@multi_device(8)
+def test_multi_slice_mesh_puts_dcn_outermost():
+    from simpo_jax.sharding import MeshConfig
+
+    mesh = MeshConfig(data=1, fsdp=2, tensor=2, dcn_data=2).build()
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert set(ids[0].ravel()) == {0, 1, 2, 3} and set(ids[1].ravel()) == {4, 5, 6, 7}  # one slice per data index
+    mesh = MeshConfig(data=2, fsdp=-1, tensor=1, dcn_fsdp=2).build()
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    from simpo_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="mesh config field 'dcn_data/dcn_fsdp'"):
+        MeshConfig(dcn_data=3).build()
