@@ -29,6 +29,8 @@ HF_VARIANTS = {
     "mistral_v01": ("mistral", dict(rope_theta=10000.0, sliding_window=7)),
     # Mistral v0.2/v0.3: no window, theta 1e6.
     "mistral_v03": ("mistral", dict(rope_theta=1000000.0, sliding_window=None)),
+    # Mistral-NeMo style: head_dim set explicitly, not hidden_size / heads.
+    "mistral_head_dim": ("mistral", dict(rope_theta=1000000.0, sliding_window=None, head_dim=24)),
 }
 
 

@@ -20,7 +20,8 @@ def _max_diff_on_tokens(ours, ref, mask) -> float:
     return float(np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max())
 
 
-@pytest.mark.parametrize("variant", ["llama3", "llama31", "llama32_tied", "mistral_v01", "mistral_v03"])
+@pytest.mark.parametrize("variant", ["llama3", "llama31", "llama32_tied", "mistral_v01", "mistral_v03",
+                                     "mistral_head_dim"])
 def test_logits_match_transformers(hf_dir, variant):
     path, ref_model = hf_dir(variant)
     ids, mask = right_padded_batch(96, 4, LENGTH)
