@@ -1,0 +1,106 @@
+"""Global batches of tokenized pairs: deterministic shuffling, bucketed right padding, per-process slices.
+
+The order of rows is a permutation drawn from `(seed, epoch)`; global batch k holds rows
+`order[k * B : (k + 1) * B]`, padded to the smallest bucket that fits its longest row (every process knows
+all row lengths, so all agree on the shape). Each process reads only the rows its devices hold and the
+global array is assembled with `jax.make_array_from_process_local_data`. The iterator's position
+(`epoch`, `step`) is a small state to checkpoint and restore.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Any, Iterator
+
+import datasets
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from simpo_jax.data.config import DataConfig
+from simpo_jax.errors import check
+
+
+def pad_batch(rows: dict[str, list], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded `[n, length]` arrays: input ids, attention masks and loss masks (response tokens)."""
+    n = len(rows["index"])
+    out: dict[str, np.ndarray] = {"index": np.asarray(rows["index"], np.int32)}
+    for side in ("chosen", "rejected"):
+        ids = np.full((n, length), pad_id, np.int32)
+        attention = np.zeros((n, length), np.int32)
+        loss = np.zeros((n, length), np.int32)
+        for i, (tokens, prompt_len) in enumerate(zip(rows[f"{side}_input_ids"], rows[f"{side}_prompt_len"])):
+            ids[i, :len(tokens)] = tokens
+            attention[i, :len(tokens)] = 1
+            loss[i, prompt_len:len(tokens)] = 1
+        out[f"{side}_input_ids"], out[f"{side}_attention_mask"], out[f"{side}_loss_mask"] = ids, attention, loss
+    return out
+
+
+def process_row_range(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """The contiguous rows `[start, stop)` of a `[global_batch, ...]` array that this process's devices hold."""
+    spans = {idx[0].indices(global_batch)[:2] for idx in
+             sharding.addressable_devices_indices_map((global_batch, 1)).values()}
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    covered = sum(e - s for s, e in spans)
+    if covered != stop - start:
+        raise ValueError(f"this process's batch rows {sorted(spans)} are not contiguous; use a mesh whose "
+                         "data-parallel axes keep each host's devices together")
+    return start, stop
+
+
+class BatchIterator:
+    """Endless iterator of global batches over a tokenized dataset, resumable from `state()`."""
+
+    def __init__(self, dataset: datasets.Dataset, global_batch: int, cfg: DataConfig, pad_id: int,
+                 sharding: NamedSharding | None = None, state: dict | None = None):
+        check(global_batch >= 1, "train", "batch_size", f"must be >= 1, got {global_batch}")
+        check(len(dataset) >= global_batch, "train", "batch_size",
+              f"{global_batch} is larger than the {len(dataset)} usable pairs")
+        self.dataset, self.global_batch, self.cfg, self.pad_id = dataset, global_batch, cfg, pad_id
+        self.sharding = sharding
+        self.lengths = np.asarray(dataset["length"], np.int64)
+        self.buckets = cfg.buckets()
+        self.batches_per_epoch = len(dataset) // global_batch  # the remainder of each epoch is dropped
+        self.epoch, self.step = 0, 0
+        if state is not None:
+            self.restore(state)
+        self._order_epoch, self._order = -1, np.arange(0)
+        if sharding is not None:
+            self.rows = process_row_range(sharding, global_batch)
+        else:
+            self.rows = (0, global_batch)
+
+    def state(self) -> dict[str, int]:
+        """The position of the next batch (plain ints: checkpoint it)."""
+        return {"epoch": self.epoch, "step": self.step}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The row order of an epoch: a permutation from (seed, epoch), or the dataset order."""
+        if self._order_epoch != epoch:
+            n = len(self.dataset)
+            rng = np.random.default_rng([self.cfg.seed, epoch])
+            self._order = rng.permutation(n) if self.cfg.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def bucket(self, longest: int) -> int:
+        return self.buckets[min(bisect.bisect_left(self.buckets, longest), len(self.buckets) - 1)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.step >= self.batches_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        rows = self.order(self.epoch)[self.step * self.global_batch:(self.step + 1) * self.global_batch]
+        length = self.bucket(int(self.lengths[rows].max()))
+        start, stop = self.rows
+        local = pad_batch(self.dataset.select(rows[start:stop].tolist())[:], length, self.pad_id)
+        self.step += 1
+        if self.sharding is None:
+            return local
+        return {k: jax.make_array_from_process_local_data(self.sharding, v, (self.global_batch, *v.shape[1:]))
+                for k, v in local.items()}
