@@ -172,3 +172,19 @@ def test_iterator_state_restores_the_exact_continuation():
     epoch0, epoch1 = np.concatenate(expected[:5]), np.concatenate(expected[5:10])
     assert len(set(epoch0.tolist())) == 20 and sorted(epoch0) != list(epoch0)  # shuffled, no repeats
     assert not np.array_equal(epoch0, epoch1)  # a new permutation each epoch
+
+
+def test_custom_column_names_and_pad_fallback(capsys):
+    from simpo_jax.data import with_pad_fallback
+
+    import copy
+
+    tok = with_pad_fallback(copy.deepcopy(llama3_tokenizer()))
+    assert tok.pad_token == tok.eos_token  # no pad token of its own: EOS, as officially
+    rows = [{"question": f"hello {i}", "good": [_user(f"hello {i}"), _bot("fine")],
+             "bad": [_user(f"hello {i}"), _bot("lazy")]} for i in range(3)]
+    cfg = DataConfig(prompt_column="question", chosen_column="good", rejected_column="bad", max_length=64,
+                     max_prompt_length=32)
+    tokenized, skipped = tokenize_dataset(Dataset.from_list(rows), cfg, tok)
+    assert len(tokenized) == 3 and not skipped
+    assert "train: 3 pairs kept, 0 skipped" in capsys.readouterr().out

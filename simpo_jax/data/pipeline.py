@@ -78,9 +78,12 @@ def _tokenize_batch(rows: dict, indices: list[int], cfg: DataConfig, fmt: str, t
     return out
 
 
-def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any,
-                     name: str = "train") -> tuple[datasets.Dataset, collections.Counter]:
-    """Tokenized, filtered dataset (columns COLUMNS but `skip_reason`) and the count of skipped rows by reason."""
+def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any, name: str = "train",
+                     verbose: bool = True) -> tuple[datasets.Dataset, collections.Counter]:
+    """Tokenized, filtered dataset (columns COLUMNS but `skip_reason`) and the count of skipped rows by reason.
+
+    With `verbose`, the summary table of kept and skipped rows is printed (call with False on all but one
+    process of a multi-host run)."""
     cfg.validate()
     if len(raw) == 0:
         raise DataError(f"{name} split is empty")
@@ -100,7 +103,10 @@ def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any,
         raise DataError(f"{name} row {tokenized[first]['index']}: {reasons[first]} (strict mode; set "
                         "data.strict=False to skip and count bad rows)")
     kept = tokenized.filter(lambda r: not r, input_columns="skip_reason", desc=f"Dropping bad {name} rows")
-    log.info("%s", skip_summary(name, len(kept), skipped))
+    summary = skip_summary(name, len(kept), skipped)
+    log.info("%s", summary)
+    if verbose:
+        print(summary, flush=True)
     if len(kept) == 0:
         raise DataError(f"{name} split has no usable rows: {dict(skipped)}")
     return kept.remove_columns("skip_reason"), skipped
