@@ -23,6 +23,8 @@ setup(
         "tokenizers>=0.20",
         "jinja2>=3.1",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "absl-py>=2.0",
     ],
     extras_require={
         # torch is pinned: it is the CPU wheel; an unpinned torch pulls gigabytes of CUDA.

@@ -115,6 +115,7 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
         policy, logits_sums = pair_logps(graphdef, params, batch, chunk)
         loss, metrics = compute_loss(loss_cfg, policy, reference_logps(policy, batch, ref_params), stats)
         metrics["logits/chosen"], metrics["logits/rejected"] = logits_sums / tot["positions"]
+        metrics["tokens"] = sum(jnp.sum(batch[f"{s}_attention_mask"].astype(jnp.float32)) for s in ("chosen", "rejected"))
         return loss, metrics
 
     def whole_batch_stats(params, micro, ref_params, tot):

@@ -1,0 +1,33 @@
+"""Defaults shared by every setting: the official SimPO recipe (global batch 128, one epoch, cosine, 10% warmup)."""
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    # Model: a Hugging Face directory, or a preset / explicit shape for random init (tiny runs).
+    c.model = ConfigDict(dict(
+        hf_path="", preset="", dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
+        attention_impl="xla", vocab_size=None, hidden_size=None, intermediate_size=None, num_layers=None,
+        num_heads=None, num_kv_heads=None, max_position_embeddings=None))
+    c.reference = ConfigDict(dict(hf_path=""))  # DPO-style losses: "" = a frozen copy of the initial policy
+    c.data = ConfigDict(dict(
+        path="", builtin="", builtin_train_rows=0, builtin_eval_rows=0, tokenizer_path="", train_split="train",
+        eval_split="test", eval_fraction=0.0, format="auto", prompt_column="prompt", chosen_column="chosen",
+        rejected_column="rejected", chat_template=None, max_length=2048, max_prompt_length=1800,
+        truncation_mode="keep_end", auto_insert_empty_system_msg=True, bucket_lengths=None, pad_to_max_length=False,
+        seed=42, shuffle=True, strict=False, num_proc=None))
+    c.loss = ConfigDict(dict(
+        name="simpo", beta=2.0, gamma_beta_ratio=None, gamma=None, loss_type="sigmoid", label_smoothing=0.0,
+        sft_weight=None, length_normalize=None, rdpo_alpha=0.0, slic_delta=1.0, kto_desirable_weight=1.0,
+        kto_undesirable_weight=1.0))
+    c.optimizer = ConfigDict(dict(learning_rate=1e-6, warmup_ratio=0.1, schedule="cosine", weight_decay=0.0,
+                                  b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1))
+    c.step = ConfigDict(dict(micro_batches=1, logprob_chunk_len=256, reference="model"))
+    c.train = ConfigDict(dict(batch_size=128, eval_batch_size=0, num_epochs=1, max_steps=0, seed=0,
+                              output_dir="runs/simpo", eval_every=0, log_every=1))
+    c.checkpoint = ConfigDict(dict(every=200, keep=3, async_save=True))
+    c.logging = ConfigDict(dict(tensorboard=True, wandb_project="", progress_bar=True))
+    c.export = ConfigDict(dict(enabled=True, dtype="bfloat16", max_shard_bytes=5 * 1024**3))
+    c.score = ConfigDict(dict(split="eval", dump_tokens=False, batch_size=0))
+    return c

@@ -1,0 +1,73 @@
+"""What the train and score commands share: the tokenizer and data splits, and the model on a mesh."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from simpo_jax.config import RunConfig, model_config
+from simpo_jax.data import load_tokenizer, load_train_eval, tokenize_dataset
+from simpo_jax.data.builtin import builtin_dataset
+from simpo_jax.errors import check
+from simpo_jax.models.config import ModelConfig
+from simpo_jax.models.hf_import import load_hf, read_hf_config
+from simpo_jax.step import random_params
+
+
+def tokenizer_dir(rc: RunConfig) -> str:
+    """Where the run's tokenizer files are (copied into the exported model)."""
+    extras = rc.run["data_extras"]
+    if extras.get("builtin"):
+        return os.path.join(rc.run["train"]["output_dir"], "tokenizer")
+    return extras.get("tokenizer_path") or rc.model.get("hf_path", "")
+
+
+def load_data(rc: RunConfig, verbose: bool) -> tuple[Any, Any, Any]:
+    """(tokenizer, tokenized train split, tokenized held-out split or None)."""
+    extras = rc.run["data_extras"]
+    if extras.get("builtin"):
+        train, held_out, tokenizer = builtin_dataset(
+            extras["builtin"], extras.get("builtin_train_rows") or 4096, extras.get("builtin_eval_rows") or 256,
+            rc.data.seed, save_tokenizer_to=tokenizer_dir(rc) if jax.process_index() == 0 else None)
+    else:
+        path = tokenizer_dir(rc)
+        check(bool(path), "data", "tokenizer_path", "set data.tokenizer_path or model.hf_path")
+        tokenizer = load_tokenizer(path)
+        train, held_out = load_train_eval(rc.data)
+    train, _ = tokenize_dataset(train, rc.data, tokenizer, "train", verbose)
+    if held_out is not None:
+        held_out, _ = tokenize_dataset(held_out, rc.data, tokenizer, "eval", verbose)
+    return tokenizer, train, held_out
+
+
+def build_model(rc: RunConfig, mesh: Mesh, tokenizer: Any, seed: int) -> tuple[nnx.GraphDef, Any, ModelConfig]:
+    """(graphdef, sharded params, config): loaded from `model.hf_path`, or randomly initialised."""
+    runtime = {k: v for k, v in rc.model.items() if k in ("dtype", "param_dtype", "scan_layers", "remat_policy",
+                                                          "attention_impl") and v is not None}
+    if rc.model.get("hf_path"):
+        shape = [k for k, v in rc.model.items() if k not in runtime and k not in ("hf_path", "preset") and v is not None]
+        check(not shape, "model", shape[0] if shape else "", "cannot override the shape of a loaded checkpoint")
+        model = load_hf(rc.model["hf_path"], mesh=mesh, **runtime)
+        graphdef, params = nnx.split(model)
+        cfg = model.cfg
+    else:
+        cfg = model_config(rc.model).replace(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        check(cfg.vocab_size >= len(tokenizer), "model", "vocab_size",
+              f"{cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        graphdef, params = random_params(cfg, mesh, seed=seed)
+    return graphdef, params, cfg
+
+
+def load_reference(rc: RunConfig, mesh: Mesh, cfg: ModelConfig) -> Any | None:
+    """Frozen reference params from `reference.hf_path` (None: the caller copies the initial policy)."""
+    path = rc.run["reference"].get("hf_path")
+    if not path:
+        return None
+    ref_cfg = read_hf_config(path)
+    check(ref_cfg.vocab_size == cfg.vocab_size, "reference", "hf_path", "vocabulary differs from the policy's")
+    runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")}
+    return nnx.split(load_hf(path, mesh=mesh, **runtime))[1]

@@ -1,0 +1,87 @@
+"""A run's `ml_collections` ConfigDict (see configs/base.py) checked and turned into the typed configs."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from simpo_jax.data.config import DataConfig
+from simpo_jax.errors import ConfigError, check
+from simpo_jax.losses import LossConfig
+from simpo_jax.models.config import ModelConfig
+from simpo_jax.optim import OptimizerConfig
+from simpo_jax.sharding import MeshConfig
+from simpo_jax.step import StepConfig
+
+SECTIONS = ("model", "reference", "data", "loss", "optimizer", "mesh", "step", "train", "checkpoint", "logging",
+            "export", "score")
+RUN_ONLY = {"data": ("builtin", "builtin_train_rows", "builtin_eval_rows", "tokenizer_path"),
+            "model": ("hf_path", "preset")}
+MODEL_RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
+def _section(config: Any, name: str) -> dict:
+    check(name in config, "run", name, "section missing from the config file")
+    return dict(config[name].to_dict() if hasattr(config[name], "to_dict") else config[name])
+
+
+def typed(cls: type, name: str, values: dict) -> Any:
+    """`cls(**values)` with unknown keys reported as `<section>.<key>`, None meaning the default."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{name} config field {unknown[0]!r}: unknown (known: {', '.join(sorted(fields))})")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in values.items() if v is not None or defaults[k] is None}  # None: the default
+    if "bucket_lengths" in kwargs and kwargs["bucket_lengths"] is not None:
+        kwargs["bucket_lengths"] = tuple(kwargs["bucket_lengths"])
+    obj = cls(**kwargs)
+    return obj.validate() if hasattr(obj, "validate") and not isinstance(obj, ModelConfig) else obj
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, typed and validated."""
+
+    data: DataConfig
+    loss: LossConfig
+    optimizer: OptimizerConfig
+    mesh: MeshConfig
+    step: StepConfig
+    model: dict  # hf_path / preset, runtime options, shape overrides
+    run: dict  # the other sections as plain dicts: reference, train, checkpoint, logging, export, score, data extras
+
+
+def build_run_config(config: Any) -> RunConfig:
+    """Check every section of a ConfigDict before anything is loaded or compiled."""
+    unknown = sorted(set(config.keys()) - set(SECTIONS))
+    check(not unknown, "run", unknown[0] if unknown else "", f"unknown section (known: {', '.join(SECTIONS)})")
+    data = _section(config, "data")
+    extras = {k: data.pop(k) for k in RUN_ONLY["data"] if k in data}
+    model = _section(config, "model")
+    check(bool(model.get("hf_path")) or bool(model.get("preset")) or model.get("hidden_size") is not None, "model",
+          "hf_path", "set model.hf_path, model.preset or an explicit shape (model.hidden_size, ...)")
+    bad = sorted(set(model) - set(RUN_ONLY["model"]) - {f.name for f in dataclasses.fields(ModelConfig)})
+    check(not bad, "model", bad[0] if bad else "", "unknown")
+    train = _section(config, "train")
+    check(int(train["batch_size"]) >= 1, "train", "batch_size", "must be >= 1")
+    check(int(train["num_epochs"]) >= 1 or int(train["max_steps"]) >= 1, "train", "num_epochs",
+          "set num_epochs or max_steps")
+    check(bool(train["output_dir"]), "train", "output_dir", "must be set")
+    check(bool(data.get("path")) or bool(extras.get("builtin")), "data", "path", "set data.path or data.builtin")
+    run = {name: _section(config, name) for name in ("reference", "train", "checkpoint", "logging", "export", "score")}
+    run["data_extras"] = extras
+    return RunConfig(data=typed(DataConfig, "data", data), loss=typed(LossConfig, "loss", _section(config, "loss")),
+                     optimizer=typed(OptimizerConfig, "optimizer", _section(config, "optimizer")),
+                     mesh=typed(MeshConfig, "mesh", _section(config, "mesh")),
+                     step=typed(StepConfig, "step", _section(config, "step")), model=model, run=run)
+
+
+def model_config(model: dict, base: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig from a preset / HF config (`base`) plus the non-None overrides of the model section."""
+    from simpo_jax.models.presets import preset
+
+    overrides = {k: v for k, v in model.items() if k not in RUN_ONLY["model"] and v is not None}
+    if base is None:
+        base = preset(model["preset"]) if model.get("preset") else ModelConfig(**{
+            k: v for k, v in overrides.items() if k not in MODEL_RUNTIME})
+    return base.replace(**overrides)

@@ -1,0 +1,166 @@
+"""`python -m simpo_jax.train --config configs/<setting>.py [--config.<field>=<value> ...]`: the training run.
+
+Resumes from the latest complete checkpoint in `train.output_dir`, evaluates on the held-out split, logs
+to metrics.jsonl / TensorBoard, saves on SIGTERM (preemption) and exits 0, stops on a non-finite loss
+keeping the last good checkpoint, and exports a Hugging Face directory at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+
+from simpo_jax.build import build_model, load_data, load_reference, tokenizer_dir
+from simpo_jax.checkpoint import Checkpointer
+from simpo_jax.config import build_run_config
+from simpo_jax.data import BatchIterator
+from simpo_jax.logging_utils import MetricsLogger, truncate_metrics
+from simpo_jax.models.hf_export import export_hf
+from simpo_jax.optim import make_optimizer
+from simpo_jax.sharding import batch_sharding
+from simpo_jax.step import copy_params, init_train_state, make_steps
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<setting>.py file.", lock_config=True)
+
+
+class _Preemption:
+    """Records SIGTERM so that the loop can save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, ref: tuple) -> dict[str, float]:
+    """Mean of the eval metrics over the held-out split (in order, full batches), with an `eval_` prefix."""
+    it = BatchIterator(data, batch_size, dataclasses.replace(cfg, shuffle=False), pad_id, sharding)
+    totals: dict[str, float] = {}
+    for _ in range(it.batches_per_epoch):
+        for key, value in jax.device_get(steps.eval(params, next(it), *ref)).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return {f"eval_{k}": v / it.batches_per_epoch for k, v in totals.items()}
+
+
+def run(config: Any) -> dict[str, float]:
+    """Train as configured; returns the final held-out metrics (empty without a held-out split)."""
+    rc = build_run_config(config)
+    train_cfg, ckpt_cfg = rc.run["train"], rc.run["checkpoint"]
+    out = train_cfg["output_dir"]
+    main = jax.process_index() == 0
+    mesh = rc.mesh.build()
+    tokenizer, train_data, eval_data = load_data(rc, verbose=main)
+    sharding = batch_sharding(mesh)
+    batch_size = int(train_cfg["batch_size"])
+    batches = BatchIterator(train_data, batch_size, rc.data, tokenizer.pad_token_id, sharding)
+    total = int(train_cfg["max_steps"]) or int(train_cfg["num_epochs"]) * batches.batches_per_epoch
+
+    graphdef, params, model_cfg = build_model(rc, mesh, tokenizer, seed=int(train_cfg["seed"]))
+    ref = ()
+    if rc.loss.needs_reference and rc.step.reference == "model":
+        ref_params = load_reference(rc, mesh, model_cfg)
+        ref = (ref_params if ref_params is not None else copy_params(params),)
+    tx, schedule = make_optimizer(rc.optimizer, total)
+    state, state_sh = init_train_state(params, tx, mesh)
+    steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch_size)
+    eval_batch = int(train_cfg["eval_batch_size"]) or batch_size
+    if eval_data is not None:
+        eval_batch = min(eval_batch, len(eval_data))
+        eval_steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, eval_batch)
+
+    checkpoints = Checkpointer(os.path.join(os.path.abspath(out), "checkpoints"), int(ckpt_cfg["every"]),
+                               int(ckpt_cfg["keep"]), bool(ckpt_cfg["async_save"]))
+    start = 0
+    if checkpoints.latest_step() is not None:
+        state, data_state, start = checkpoints.restore(state)
+        batches.restore(data_state)
+        if main:
+            truncate_metrics(out, start)
+            print(f"resumed from the checkpoint of step {start}", flush=True)
+    log_cfg = rc.run["logging"]
+    logger = MetricsLogger(out, main, log_cfg["tensorboard"], log_cfg["wandb_project"], config.to_dict())
+    preemption = _Preemption()
+    log_every, eval_every = int(train_cfg["log_every"]), int(train_cfg["eval_every"])
+    bar = _progress(start, total, main and log_cfg["progress_bar"])
+    last_saved = start
+    for step in range(start + 1, total + 1):
+        began = time.perf_counter()
+        state, metrics = steps.train(state, next(batches), *ref)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - began
+        if not math.isfinite(metrics["loss"]):
+            checkpoints.close()
+            sys.exit(f"error: the loss at step {step} is {metrics['loss']}; stopping. The last good checkpoint "
+                     f"(step {checkpoints.latest_step()}) is in {out}/checkpoints.")
+        metrics |= {"epoch": batches.epoch, "tokens_per_second": metrics["tokens"] / elapsed}
+        if eval_data is not None and eval_every and step % eval_every == 0 and step != total:
+            metrics |= evaluate(eval_steps, state.params, eval_data, rc.data, eval_batch, tokenizer.pad_token_id,
+                                sharding, ref)
+        if step % log_every == 0 or step == total:
+            logger.log(step, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                            tok_s=f"{metrics['tokens_per_second']:.0f}")
+        if checkpoints.save(step, state, batches.state()):
+            last_saved = step
+        if preemption.requested:
+            if last_saved != step:
+                checkpoints.save(step, state, batches.state(), force=True)
+            checkpoints.close()
+            print(f"SIGTERM: saved the checkpoint of step {step}; exiting", flush=True)
+            sys.exit(0)
+    if last_saved != total and total > start:
+        checkpoints.save(total, state, batches.state(), force=True)
+    checkpoints.close()
+    if bar is not None:
+        bar.close()
+    final: dict[str, float] = {}
+    if eval_data is not None:
+        final = evaluate(eval_steps, state.params, eval_data, rc.data, eval_batch, tokenizer.pad_token_id,
+                         sharding, ref)
+        logger.log(total, final)
+    logger.close()
+    export = rc.run["export"]
+    if export["enabled"]:
+        path = export_hf(nnx.merge(graphdef, state.params), os.path.join(out, "hf"), dtype=export["dtype"],
+                         tokenizer_dir=tokenizer_dir(rc), max_shard_bytes=int(export["max_shard_bytes"]))
+        if main:
+            print(f"exported a Hugging Face checkpoint to {path}", flush=True)
+    if main and final:
+        print("final held-out metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())), flush=True)
+    return final
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config configs/<setting>.py is required")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save step at INFO
+    np.set_printoptions(precision=4)
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
