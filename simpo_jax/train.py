@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app
 from absl import logging as absl_logging
 from flax import nnx
@@ -31,7 +30,6 @@ from simpo_jax.optim import make_optimizer
 from simpo_jax.sharding import batch_sharding
 from simpo_jax.step import copy_params, init_train_state, make_steps
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/<setting>.py file.", lock_config=True)
 
 
 class _Preemption:
@@ -153,14 +151,19 @@ def _progress(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("--config configs/<setting>.py is required")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save step at INFO
-    np.set_printoptions(precision=4)
-    run(_CONFIG.value)
+def main() -> None:
+    """The command line (flags are defined here, so that importing this module defines none)."""
+    config = config_flags.DEFINE_config_file("config", None, "A configs/<setting>.py file.", lock_config=True)
+
+    def _main(argv: list[str]) -> None:
+        del argv
+        if config.value is None:
+            raise app.UsageError("--config configs/<setting>.py is required")
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save step at INFO
+        run(config.value)
+
+    app.run(_main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

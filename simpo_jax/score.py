@@ -1,0 +1,95 @@
+"""`python -m simpo_jax.score --config configs/<setting>.py --output scores.jsonl`: log-probs of every pair.
+
+One JSON line per example of `score.split` (eval or train), in dataset order: `index`, `chosen_logps` and
+`rejected_logps` (mean per-token log-prob of the response), `chosen_tokens`, `rejected_tokens`; with
+`--config.score.dump_tokens=True` also the input ids and label masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from simpo_jax.build import build_model, load_data
+from simpo_jax.config import build_run_config
+from simpo_jax.data import pad_batch
+from simpo_jax.sharding import activation_sharding, batch_sharding
+from simpo_jax.step import pair_logps
+
+
+
+def score(config: Any, output: str) -> int:
+    """Write the scores of every example of the configured split; returns how many were written."""
+    rc = build_run_config(config)
+    mesh = rc.mesh.build()
+    tokenizer, train_data, eval_data = load_data(rc, verbose=jax.process_index() == 0)
+    split = rc.run["score"]["split"]
+    data = eval_data if split == "eval" else train_data
+    if data is None:
+        raise ValueError(f"score config field 'split': there is no {split!r} split")
+    graphdef, params, _ = build_model(rc, mesh, tokenizer, seed=int(rc.run["train"]["seed"]))
+    sharding = batch_sharding(mesh)
+    batch_size = int(rc.run["score"]["batch_size"]) or int(rc.run["train"]["batch_size"])
+    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    batch_size = -(-batch_size // dp) * dp
+    chunk = rc.step.logprob_chunk_len
+
+    @jax.jit
+    def logps(params, batch):
+        with activation_sharding(mesh):
+            return pair_logps(graphdef, params, batch, chunk)[0]
+
+    cfg = dataclasses.replace(rc.data, shuffle=False)
+    written = 0
+    with open(output, "w") if jax.process_index() == 0 else open("/dev/null", "w") as f:
+        for begin in range(0, len(data), batch_size):
+            rows = list(range(begin, min(begin + batch_size, len(data))))
+            padded = rows + [rows[-1]] * (batch_size - len(rows))  # fill the last batch; extra rows are dropped
+            examples = data.select(padded)[:]
+            length = max(map(len, examples["chosen_input_ids"] + examples["rejected_input_ids"]))
+            local = pad_batch(examples, _bucket(cfg, length), tokenizer.pad_token_id)
+            batch = {k: jax.device_put(v, sharding) for k, v in local.items() if k != "index"}
+            result = jax.device_get(logps(params, batch))
+            for i in range(len(rows)):
+                line = {"index": int(local["index"][i]),
+                        "chosen_logps": float(result.chosen[i] / result.chosen_tokens[i]),
+                        "rejected_logps": float(result.rejected[i] / result.rejected_tokens[i]),
+                        "chosen_tokens": int(result.chosen_tokens[i]), "rejected_tokens": int(result.rejected_tokens[i])}
+                if rc.run["score"]["dump_tokens"]:
+                    for side in ("chosen", "rejected"):
+                        n = int(local[f"{side}_attention_mask"][i].sum())
+                        line[f"{side}_input_ids"] = local[f"{side}_input_ids"][i, :n].tolist()
+                        line[f"{side}_loss_mask"] = local[f"{side}_loss_mask"][i, :n].tolist()
+                f.write(json.dumps(line) + "\n")
+                written += 1
+    return written
+
+
+def _bucket(cfg, length: int) -> int:
+    buckets = cfg.buckets()
+    return next((b for b in buckets if b >= length), buckets[-1])
+
+
+def main() -> None:
+    """The command line (flags are defined here, so that importing this module defines none)."""
+    config = config_flags.DEFINE_config_file("config", None, "A configs/<setting>.py file.", lock_config=True)
+    output = flags.DEFINE_string("output", "scores.jsonl", "Where to write the JSON lines.")
+
+    def _main(argv: list[str]) -> None:
+        del argv
+        if config.value is None:
+            raise app.UsageError("--config configs/<setting>.py is required")
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        print(f"wrote {score(config.value, output.value)} scores to {output.value}")
+
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()
