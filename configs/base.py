@@ -1,5 +1,6 @@
 """Defaults shared by every setting: the official SimPO recipe (global batch 128, one epoch, cosine, 10% warmup)."""
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ConfigDict:
@@ -7,18 +8,19 @@ def get_config() -> ConfigDict:
     # Model: a Hugging Face directory, or a preset / explicit shape for random init (tiny runs).
     c.model = ConfigDict(dict(
         hf_path="", preset="", dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
-        attention_impl="xla", vocab_size=None, hidden_size=None, intermediate_size=None, num_layers=None,
-        num_heads=None, num_kv_heads=None, max_position_embeddings=None))
+        attention_impl="xla", vocab_size=placeholder(int), hidden_size=placeholder(int),
+        intermediate_size=placeholder(int), num_layers=placeholder(int), num_heads=placeholder(int),
+        num_kv_heads=placeholder(int), max_position_embeddings=placeholder(int)))
     c.reference = ConfigDict(dict(hf_path=""))  # DPO-style losses: "" = a frozen copy of the initial policy
     c.data = ConfigDict(dict(
         path="", builtin="", builtin_train_rows=0, builtin_eval_rows=0, tokenizer_path="", train_split="train",
         eval_split="test", eval_fraction=0.0, format="auto", prompt_column="prompt", chosen_column="chosen",
-        rejected_column="rejected", chat_template=None, max_length=2048, max_prompt_length=1800,
-        truncation_mode="keep_end", auto_insert_empty_system_msg=True, bucket_lengths=None, pad_to_max_length=False,
-        seed=42, shuffle=True, strict=False, num_proc=None))
+        rejected_column="rejected", chat_template=placeholder(str), max_length=2048, max_prompt_length=1800,
+        truncation_mode="keep_end", auto_insert_empty_system_msg=True, bucket_lengths=placeholder(tuple),
+        pad_to_max_length=False, seed=42, shuffle=True, strict=False, num_proc=placeholder(int)))
     c.loss = ConfigDict(dict(
-        name="simpo", beta=2.0, gamma_beta_ratio=None, gamma=None, loss_type="sigmoid", label_smoothing=0.0,
-        sft_weight=None, length_normalize=None, rdpo_alpha=0.0, slic_delta=1.0, kto_desirable_weight=1.0,
+        name="simpo", beta=2.0, gamma_beta_ratio=placeholder(float), gamma=placeholder(float), loss_type="sigmoid",
+        label_smoothing=0.0, sft_weight=placeholder(float), length_normalize=placeholder(bool), rdpo_alpha=0.0, slic_delta=1.0, kto_desirable_weight=1.0,
         kto_undesirable_weight=1.0))
     c.optimizer = ConfigDict(dict(learning_rate=1e-6, warmup_ratio=0.1, schedule="cosine", weight_decay=0.0,
                                   b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0))
@@ -30,4 +32,5 @@ def get_config() -> ConfigDict:
     c.logging = ConfigDict(dict(tensorboard=True, wandb_project="", progress_bar=True))
     c.export = ConfigDict(dict(enabled=True, dtype="bfloat16", max_shard_bytes=5 * 1024**3))
     c.score = ConfigDict(dict(split="eval", dump_tokens=False, batch_size=0))
+    # Fields holding None are typed placeholders, so `--config.<section>.<field>=value` can set them.
     return c

@@ -32,6 +32,10 @@ from simpo_jax.step import copy_params, init_train_state, make_steps
 
 
 
+# Tests set this to SIGKILL the run right after a given step (a crash mid-run, possibly mid-save).
+_KILL_AT_STEP = int(os.environ.get("SIMPO_JAX_SIGKILL_AT_STEP", "0"))
+
+
 class _Preemption:
     """Records SIGTERM so that the loop can save and exit cleanly."""
 
@@ -86,8 +90,9 @@ def run(config: Any) -> dict[str, float]:
         state, data_state, start = checkpoints.restore(state)
         batches.restore(data_state)
         if main:
-            truncate_metrics(out, start)
             print(f"resumed from the checkpoint of step {start}", flush=True)
+    if main:
+        truncate_metrics(out, start)  # lines a dead run logged after its last complete checkpoint
     log_cfg = rc.run["logging"]
     logger = MetricsLogger(out, main, log_cfg["tensorboard"], log_cfg["wandb_project"], config.to_dict())
     preemption = _Preemption()
@@ -115,6 +120,8 @@ def run(config: Any) -> dict[str, float]:
                             tok_s=f"{metrics['tokens_per_second']:.0f}")
         if checkpoints.save(step, state, batches.state()):
             last_saved = step
+        if step == _KILL_AT_STEP:  # fault injection for tests: die as a preempted or crashed VM would
+            os.kill(os.getpid(), signal.SIGKILL)
         if preemption.requested:
             if last_saved != step:
                 checkpoints.save(step, state, batches.state(), force=True)
