@@ -118,7 +118,7 @@ def test_checkpoint_from_2x2x2_resumes_on_1x8x1_and_one_device(tmp_path):
             assert jax.device_count() == 8
             run(tiny_config(out, **shape, **{"train.max_steps": 8, "export.enabled": False}))
         resumed = _metrics(out)
-        assert [m["step"] for m in resumed] == list(range(1, 9))
+        assert [m["step"] for m in resumed] == list(range(1, 9)) + [8]  # the last line: final held-out metrics
         for got, want in zip(resumed[4:], reference[4:]):
             for key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (name, got["step"], key)
