@@ -13,7 +13,7 @@ from simpo_jax.data import load_tokenizer, load_train_eval, tokenize_dataset
 from simpo_jax.data.builtin import builtin_dataset
 from simpo_jax.errors import check
 from simpo_jax.models.config import ModelConfig
-from simpo_jax.models.hf_import import load_hf, read_hf_config
+from simpo_jax.models.hf_import import load_hf, read_hf_config, resolve_model_dir
 from simpo_jax.step import random_params
 
 
@@ -22,7 +22,8 @@ def tokenizer_dir(rc: RunConfig) -> str:
     extras = rc.run["data_extras"]
     if extras.get("builtin"):
         return os.path.join(rc.run["train"]["output_dir"], "tokenizer")
-    return extras.get("tokenizer_path") or rc.model.get("hf_path", "")
+    path = extras.get("tokenizer_path") or rc.model.get("hf_path", "")
+    return resolve_model_dir(path) if path else path
 
 
 def load_data(rc: RunConfig, verbose: bool) -> tuple[Any, Any, Any]:

@@ -26,8 +26,18 @@ from simpo_jax.sharding import DEFAULT_RULES, state_shardings
 log = logging.getLogger(__name__)
 
 
+def resolve_model_dir(path: str) -> str:
+    """A local directory as is; otherwise a Hub model id, downloaded (config, safetensors, tokenizer files)."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+
+
 def read_hf_config(path: str, **runtime: Any) -> ModelConfig:
     """The ModelConfig of a Hugging Face model directory; `runtime` sets dtype, scan and remat options."""
+    path = resolve_model_dir(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path}: no config.json")
@@ -73,6 +83,7 @@ def load_hf(path: str, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, A
     `runtime` overrides ModelConfig runtime fields (`dtype`, `param_dtype`, `scan_layers`, `remat_policy`,
     `attention_impl`). Tensors the model does not use are reported (a warning), or raise when `strict`.
     """
+    path = resolve_model_dir(path)
     cfg = read_hf_config(path, **runtime)
     graphdef, abstract = abstract_decoder(cfg)
     reader = CheckpointReader(path)

@@ -1,0 +1,20 @@
+"""SimPO, Llama-3-8B-Base SFT (paper setting; UltraFeedback binarized)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from base import get_config as base_config  # noqa: E402
+
+
+def get_config():
+    c = base_config()
+    c.model.hf_path = "princeton-nlp/Llama-3-Base-8B-SFT"
+    c.data.path = "HuggingFaceH4/ultrafeedback_binarized"
+    c.data.train_split, c.data.eval_split = "train_prefs", "test_prefs"
+    c.data.max_length, c.data.max_prompt_length = 2048, 1800
+    c.loss.name, c.loss.beta = "simpo", 2.0
+    c.loss.gamma_beta_ratio = 0.5
+    c.optimizer.learning_rate = 6e-07
+    c.train.batch_size = 128  # pairs (global)
+    c.train.output_dir = "runs/llama3_8b_base"
+    return c

@@ -1,0 +1,20 @@
+"""SimPO, Llama-3-8B-Instruct (paper setting; on-policy UltraFeedback)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from base import get_config as base_config  # noqa: E402
+
+
+def get_config():
+    c = base_config()
+    c.model.hf_path = "meta-llama/Meta-Llama-3-8B-Instruct"
+    c.data.path = "princeton-nlp/llama3-ultrafeedback"
+    c.data.train_split, c.data.eval_split = "train", "test"
+    c.data.max_length, c.data.max_prompt_length = 2048, 1800
+    c.loss.name, c.loss.beta = "simpo", 2.5
+    c.loss.gamma_beta_ratio = 0.55
+    c.optimizer.learning_rate = 1e-06
+    c.train.batch_size = 128  # pairs (global)
+    c.train.output_dir = "runs/llama3_8b_instruct"
+    return c
