@@ -28,7 +28,8 @@ def get_config() -> ConfigDict:
     c.step = ConfigDict(dict(micro_batches=1, logprob_chunk_len=256, reference="model"))
     c.train = ConfigDict(dict(batch_size=128, eval_batch_size=0, num_epochs=1, max_steps=0, seed=0,
                               output_dir="runs/simpo", eval_every=0, log_every=1))
-    c.checkpoint = ConfigDict(dict(every=200, keep=3, async_save=True))
+    # directory: "" = <output_dir>/checkpoints; may be a gs:// bucket path (Orbax writes it directly).
+    c.checkpoint = ConfigDict(dict(directory="", every=200, keep=3, async_save=True))
     c.logging = ConfigDict(dict(tensorboard=True, wandb_project="", progress_bar=True))
     c.export = ConfigDict(dict(enabled=True, dtype="bfloat16", max_shard_bytes=5 * 1024**3))
     c.score = ConfigDict(dict(split="eval", dump_tokens=False, batch_size=0))

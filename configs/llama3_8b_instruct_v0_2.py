@@ -1,20 +1,14 @@
-"""SimPO, Llama-3-8B-Instruct v0.2 (ArmoRM-annotated on-policy data)."""
+"""SimPO, Llama-3-8B-Instruct v0.2: the same model on ArmoRM-annotated on-policy data (beta 10, gamma/beta 0.3)."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from base import get_config as base_config  # noqa: E402
+from llama3_8b_instruct import get_config as v0_1_config  # noqa: E402
 
 
 def get_config():
-    c = base_config()
-    c.model.hf_path = "meta-llama/Meta-Llama-3-8B-Instruct"
+    c = v0_1_config()
     c.data.path = "princeton-nlp/llama3-ultrafeedback-armorm"
-    c.data.train_split, c.data.eval_split = "train", "test"
-    c.data.max_length, c.data.max_prompt_length = 2048, 1800
-    c.loss.name, c.loss.beta = "simpo", 10.0
-    c.loss.gamma_beta_ratio = 0.3
-    c.optimizer.learning_rate = 1e-06
-    c.train.batch_size = 128  # pairs (global)
+    c.loss.beta, c.loss.gamma_beta_ratio = 10.0, 0.3
     c.train.output_dir = "runs/llama3_8b_instruct_v0_2"
     return c

@@ -83,8 +83,9 @@ def run(config: Any) -> dict[str, float]:
         eval_batch = min(eval_batch, len(eval_data))
         eval_steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, eval_batch)
 
-    checkpoints = Checkpointer(os.path.join(os.path.abspath(out), "checkpoints"), int(ckpt_cfg["every"]),
-                               int(ckpt_cfg["keep"]), bool(ckpt_cfg["async_save"]))
+    checkpoint_dir = ckpt_cfg["directory"] or os.path.join(os.path.abspath(out), "checkpoints")
+    checkpoints = Checkpointer(checkpoint_dir, int(ckpt_cfg["every"]), int(ckpt_cfg["keep"]),
+                               bool(ckpt_cfg["async_save"]))
     start = 0
     if checkpoints.latest_step() is not None:
         state, data_state, start = checkpoints.restore(state)
@@ -107,7 +108,7 @@ def run(config: Any) -> dict[str, float]:
         if not math.isfinite(metrics["loss"]):
             checkpoints.close()
             sys.exit(f"error: the loss at step {step} is {metrics['loss']}; stopping. The last good checkpoint "
-                     f"(step {checkpoints.latest_step()}) is in {out}/checkpoints.")
+                     f"(step {checkpoints.latest_step()}) is in {checkpoint_dir}.")
         metrics |= {"epoch": batches.epoch, "tokens_per_second": metrics["tokens"] / elapsed}
         if eval_data is not None and eval_every and step % eval_every == 0 and step != total:
             metrics |= evaluate(eval_steps, state.params, eval_data, rc.data, eval_batch, tokenizer.pad_token_id,

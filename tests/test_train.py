@@ -183,3 +183,14 @@ def test_unknown_config_fields_are_named(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simpo_jax.train", "--config", str(ROOT / "configs" / "tiny.py"),
                            "--config.loss.betta=3"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "betta" in proc.stderr
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    from simpo_jax.train import run
+
+    # A learning rate of 1e30 blows the weights up after the first update: step 2's loss is not finite.
+    config = tiny_config(tmp_path, **{"optimizer.learning_rate": 1e30, "optimizer.warmup_ratio": 0.0,
+                                      "checkpoint.every": 1, "checkpoint.directory": str(tmp_path / "ckpt")})
+    with pytest.raises(SystemExit, match=r"the loss at step (2|3) is (nan|inf).*last good checkpoint \(step (1|2)\)"):
+        run(config)
+    assert (tmp_path / "ckpt" / "1").is_dir()
