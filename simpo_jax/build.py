@@ -8,7 +8,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from simpo_jax.config import RunConfig, model_config
+from simpo_jax.config import MODEL_RUNTIME, RunConfig, model_config
 from simpo_jax.data import load_tokenizer, load_train_eval, tokenize_dataset
 from simpo_jax.data.builtin import builtin_dataset
 from simpo_jax.errors import check
@@ -46,8 +46,7 @@ def load_data(rc: RunConfig, verbose: bool) -> tuple[Any, Any, Any]:
 
 def build_model(rc: RunConfig, mesh: Mesh, tokenizer: Any, seed: int) -> tuple[nnx.GraphDef, Any, ModelConfig]:
     """(graphdef, sharded params, config): loaded from `model.hf_path`, or randomly initialised."""
-    runtime = {k: v for k, v in rc.model.items() if k in ("dtype", "param_dtype", "scan_layers", "remat_policy",
-                                                          "attention_impl") and v is not None}
+    runtime = {k: v for k, v in rc.model.items() if k in MODEL_RUNTIME and v is not None}
     if rc.model.get("hf_path"):
         shape = [k for k, v in rc.model.items() if k not in runtime and k not in ("hf_path", "preset") and v is not None]
         check(not shape, "model", shape[0] if shape else "", "cannot override the shape of a loaded checkpoint")
@@ -70,5 +69,5 @@ def load_reference(rc: RunConfig, mesh: Mesh, cfg: ModelConfig) -> Any | None:
         return None
     ref_cfg = read_hf_config(path)
     check(ref_cfg.vocab_size == cfg.vocab_size, "reference", "hf_path", "vocabulary differs from the policy's")
-    runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")}
+    runtime = {k: getattr(cfg, k) for k in MODEL_RUNTIME}
     return nnx.split(load_hf(path, mesh=mesh, **runtime))[1]

@@ -6,12 +6,10 @@ One JSON line per example of `score.split` (eval or train), in dataset order: `i
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -19,7 +17,7 @@ from ml_collections import config_flags
 from simpo_jax.build import build_model, load_data
 from simpo_jax.config import build_run_config
 from simpo_jax.data import pad_batch
-from simpo_jax.sharding import activation_sharding, batch_sharding
+from simpo_jax.sharding import activation_sharding, batch_sharding, data_parallel_size
 from simpo_jax.step import pair_logps
 
 
@@ -36,7 +34,7 @@ def score(config: Any, output: str) -> int:
     graphdef, params, _ = build_model(rc, mesh, tokenizer, seed=int(rc.run["train"]["seed"]))
     sharding = batch_sharding(mesh)
     batch_size = int(rc.run["score"]["batch_size"]) or int(rc.run["train"]["batch_size"])
-    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    dp = data_parallel_size(mesh)
     batch_size = -(-batch_size // dp) * dp
     chunk = rc.step.logprob_chunk_len
 
@@ -45,7 +43,6 @@ def score(config: Any, output: str) -> int:
         with activation_sharding(mesh):
             return pair_logps(graphdef, params, batch, chunk)[0]
 
-    cfg = dataclasses.replace(rc.data, shuffle=False)
     written = 0
     with open(output, "w") if jax.process_index() == 0 else open("/dev/null", "w") as f:
         for begin in range(0, len(data), batch_size):
@@ -53,7 +50,7 @@ def score(config: Any, output: str) -> int:
             padded = rows + [rows[-1]] * (batch_size - len(rows))  # fill the last batch; extra rows are dropped
             examples = data.select(padded)[:]
             length = max(map(len, examples["chosen_input_ids"] + examples["rejected_input_ids"]))
-            local = pad_batch(examples, _bucket(cfg, length), tokenizer.pad_token_id)
+            local = pad_batch(examples, rc.data.bucket_for(length), tokenizer.pad_token_id)
             batch = {k: jax.device_put(v, sharding) for k, v in local.items() if k != "index"}
             result = jax.device_get(logps(params, batch))
             for i in range(len(rows)):
@@ -69,11 +66,6 @@ def score(config: Any, output: str) -> int:
                 f.write(json.dumps(line) + "\n")
                 written += 1
     return written
-
-
-def _bucket(cfg, length: int) -> int:
-    buckets = cfg.buckets()
-    return next((b for b in buckets if b >= length), buckets[-1])
 
 
 def main() -> None:

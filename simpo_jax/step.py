@@ -172,10 +172,10 @@ def _plain(tree: Any) -> Any:
 def _checked(fn: Callable, loss_cfg: LossConfig, step_cfg: StepConfig, use_ref_model: bool,
              global_batch: int | None) -> Callable:
     """Check a batch's keys and size (and the reference params) before calling the compiled step."""
+    keys = BATCH_KEYS + (REFERENCE_KEYS if loss_cfg.needs_reference and not use_ref_model else ())
+
     def call(state_or_params, batch, ref_params=None):
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if loss_cfg.needs_reference and not use_ref_model:
-            missing += [k for k in REFERENCE_KEYS if k not in batch]
+        missing = [k for k in keys if k not in batch]
         if missing:
             raise KeyError(f"batch is missing {', '.join(missing)}")
         size = batch["chosen_input_ids"].shape[0]
@@ -190,9 +190,7 @@ def _checked(fn: Callable, loss_cfg: LossConfig, step_cfg: StepConfig, use_ref_m
             if any(id(x) in donated for x in jax.tree.leaves(ref_params)):
                 raise ValueError("reference params share buffers with the train state, which the step donates: "
                                  "pass a copy (simpo_jax.step.copy_params)")
-        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS + REFERENCE_KEYS}
-        if not (loss_cfg.needs_reference and not use_ref_model):
-            batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+        batch = {k: v for k, v in batch.items() if k in keys}
         return fn(state_or_params, batch, ref_params) if use_ref_model else fn(state_or_params, batch)
 
     call.jitted = fn  # for .lower(...) / ahead-of-time compilation

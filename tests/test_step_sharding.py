@@ -2,7 +2,6 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from conftest import multi_device
 from simpo_jax.losses import LossConfig

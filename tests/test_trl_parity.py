@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_hf_model
 from simpo_jax.losses import LossConfig, compute_loss

@@ -8,7 +8,6 @@ global array is assembled with `jax.make_array_from_process_local_data`. The ite
 """
 from __future__ import annotations
 
-import bisect
 from typing import Any, Iterator
 
 import datasets
@@ -59,7 +58,6 @@ class BatchIterator:
         self.dataset, self.global_batch, self.cfg, self.pad_id = dataset, global_batch, cfg, pad_id
         self.sharding = sharding
         self.lengths = np.asarray(dataset["length"], np.int64)
-        self.buckets = cfg.buckets()
         self.batches_per_epoch = len(dataset) // global_batch  # the remainder of each epoch is dropped
         self.epoch, self.step = 0, 0
         if state is not None:
@@ -86,9 +84,6 @@ class BatchIterator:
             self._order_epoch = epoch
         return self._order
 
-    def bucket(self, longest: int) -> int:
-        return self.buckets[min(bisect.bisect_left(self.buckets, longest), len(self.buckets) - 1)]
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
@@ -96,7 +91,7 @@ class BatchIterator:
         if self.step >= self.batches_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         rows = self.order(self.epoch)[self.step * self.global_batch:(self.step + 1) * self.global_batch]
-        length = self.bucket(int(self.lengths[rows].max()))
+        length = self.cfg.bucket_for(int(self.lengths[rows].max()))
         start, stop = self.rows
         local = pad_batch(self.dataset.select(rows[start:stop].tolist())[:], length, self.pad_id)
         self.step += 1

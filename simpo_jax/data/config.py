@@ -1,6 +1,7 @@
 """Data configuration: where preference pairs come from, how rows are read, tokenized and batched."""
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 from simpo_jax.errors import check
@@ -53,6 +54,11 @@ class DataConfig:
             check(max(self.bucket_lengths) >= self.max_length, "data", "bucket_lengths",
                   f"the largest bucket must be >= max_length={self.max_length}")
         return self
+
+    def bucket_for(self, longest: int) -> int:
+        """The smallest bucket that holds `longest` tokens (the largest bucket when none does)."""
+        buckets = self.buckets()
+        return buckets[min(bisect.bisect_left(buckets, longest), len(buckets) - 1)]
 
     def buckets(self) -> tuple[int, ...]:
         """Padded lengths a batch can take (sorted); one when `pad_to_max_length`."""

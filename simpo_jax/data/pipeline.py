@@ -40,7 +40,7 @@ def with_pad_fallback(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def resolve_template(cfg: DataConfig, tokenizer: Any) -> str | None:
+def resolve_template(cfg: DataConfig) -> str | None:
     """The chat template to render messages with (None: the tokenizer's own)."""
     if cfg.chat_template == "mistral":
         return MISTRAL_TEMPLATE
@@ -95,7 +95,7 @@ def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any, nam
         "skip_reason": datasets.Value("string")})
     tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256, with_indices=True, remove_columns=raw.column_names,
                         features=features, num_proc=cfg.num_proc, desc=f"Tokenizing {name} pairs ({fmt})",
-                        fn_kwargs=dict(cfg=cfg, fmt=fmt, tokenizer=tokenizer, template=resolve_template(cfg, tokenizer)))
+                        fn_kwargs=dict(cfg=cfg, fmt=fmt, tokenizer=tokenizer, template=resolve_template(cfg)))
     reasons = tokenized["skip_reason"]
     skipped = collections.Counter(r for r in reasons if r)
     if skipped and cfg.strict:

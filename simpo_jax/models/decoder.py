@@ -20,7 +20,7 @@ class DecoderOutput(NamedTuple):
     hidden: jax.Array
 
 
-def attention_mask(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
+def make_attention_mask(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
     """Boolean `[batch, q, kv]` mask: causal, keys that are not padding, and within the sliding window."""
     idx = jnp.arange(attention_mask.shape[1])
     allowed = idx[None, :] <= idx[:, None]
@@ -64,7 +64,7 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
-        mask = _mask_fn(attention_mask, cfg.sliding_window)
+        mask = make_attention_mask(attention_mask, cfg.sliding_window)
         cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
         x = constrain(jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(dt), TOKENS_EMBED)
         x = self._run_layers(x, cos, sin, mask)
@@ -100,9 +100,6 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states `[..., embed]` to float32 logits `[..., vocab]`."""
         return jnp.einsum("...d,dv->...v", hidden, self.lm_head_kernel(), preferred_element_type=jnp.float32)
-
-
-_mask_fn = attention_mask
 
 
 def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
