@@ -7,6 +7,7 @@ keeping the last good checkpoint, and exports a Hugging Face directory at the en
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ from simpo_jax.optim import make_optimizer
 from simpo_jax.sharding import batch_sharding
 from simpo_jax.step import copy_params, init_train_state, make_steps
 
-
+SUMMARY_FILE = "summary.json"
 
 # Tests set this to SIGKILL the run right after a given step (a crash mid-run, possibly mid-save).
 _KILL_AT_STEP = int(os.environ.get("SIMPO_JAX_SIGKILL_AT_STEP", "0"))
@@ -146,9 +147,21 @@ def run(config: Any) -> dict[str, float]:
                          tokenizer_dir=tokenizer_dir(rc), max_shard_bytes=int(export["max_shard_bytes"]))
         if main:
             print(f"exported a Hugging Face checkpoint to {path}", flush=True)
-    if main and final:
-        print("final held-out metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())), flush=True)
+    if main:
+        _write_summary(out, total, final)
+        if final:
+            print("final held-out metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())),
+                  flush=True)
     return final
+
+
+def _write_summary(output_dir: str, steps: int, final: dict[str, float]) -> None:
+    """`summary.json`, written last: its presence means the run finished (sweeps skip such runs)."""
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, SUMMARY_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"status": "finished", "steps": steps, "final": final}, f, indent=1)
+    os.replace(tmp, os.path.join(output_dir, SUMMARY_FILE))
 
 
 def _progress(start: int, total: int, enabled: bool):

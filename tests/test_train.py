@@ -81,6 +81,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert "resumed from the checkpoint of step" in output
     assert _metrics(killed) == _metrics(full)  # every metric of every step, exactly
     assert (killed / "hf" / "model.safetensors").exists() and (killed / "tensorboard").is_dir()
+    assert json.loads((killed / "summary.json").read_text())["steps"] == 12
 
 
 def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
@@ -92,6 +93,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
     last = _metrics(tmp_path)[-1]["step"]
     assert f"SIGTERM: saved the checkpoint of step {last}" in output
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == last
+    assert not (tmp_path / "summary.json").exists()  # not finished
 
 
 @multi_device(8)
