@@ -24,7 +24,7 @@ def get_config() -> ConfigDict:
         kto_undesirable_weight=1.0))
     c.optimizer = ConfigDict(dict(learning_rate=1e-6, warmup_ratio=0.1, schedule="cosine", weight_decay=0.0,
                                   b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0))
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, slice=""))
     c.step = ConfigDict(dict(micro_batches=1, logprob_chunk_len=256, reference="model"))
     c.train = ConfigDict(dict(batch_size=128, eval_batch_size=0, num_epochs=1, max_steps=0, seed=0,
                               output_dir="runs/simpo", eval_every=0, log_every=1))
@@ -33,5 +33,9 @@ def get_config() -> ConfigDict:
     c.logging = ConfigDict(dict(tensorboard=True, wandb_project="", progress_bar=True))
     c.export = ConfigDict(dict(enabled=True, dtype="bfloat16", max_shard_bytes=5 * 1024**3))
     c.score = ConfigDict(dict(split="eval", dump_tokens=False, batch_size=0))
+    # Multi-host: "auto" starts a process group on TPU VMs (JAX finds the workers) or when a coordinator is
+    # given here or in JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; "off" never does.
+    c.distributed = ConfigDict(dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1,
+                                    local_device_ids=""))
     # Fields holding None are typed placeholders, so `--config.<section>.<field>=value` can set them.
     return c

@@ -6,8 +6,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from llama3_8b_instruct import get_config as simpo_config  # noqa: E402
 
 
-def get_config():
-    c = simpo_config()
+def get_config(slice_name: str = ""):
+    c = simpo_config(slice_name)
     c.loss.name, c.loss.beta = "dpo", 0.01
     c.loss.gamma_beta_ratio = None
     c.optimizer.learning_rate = 7e-07

@@ -13,7 +13,7 @@ from simpo_jax.sharding import MeshConfig
 from simpo_jax.step import StepConfig
 
 SECTIONS = ("model", "reference", "data", "loss", "optimizer", "mesh", "step", "train", "checkpoint", "logging",
-            "export", "score")
+            "export", "score", "distributed")
 RUN_ONLY = {"data": ("builtin", "builtin_train_rows", "builtin_eval_rows", "tokenizer_path"),
             "model": ("hf_path", "preset")}
 MODEL_RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -48,7 +48,8 @@ class RunConfig:
     mesh: MeshConfig
     step: StepConfig
     model: dict  # hf_path / preset, runtime options, shape overrides
-    run: dict  # the other sections as plain dicts: reference, train, checkpoint, logging, export, score, data extras
+    run: dict  # the other sections as plain dicts: reference, train, checkpoint, logging, export, score,
+    # distributed, data extras
 
 
 def build_run_config(config: Any) -> RunConfig:
@@ -69,6 +70,7 @@ def build_run_config(config: Any) -> RunConfig:
     check(bool(train["output_dir"]), "train", "output_dir", "must be set")
     check(bool(data.get("path")) or bool(extras.get("builtin")), "data", "path", "set data.path or data.builtin")
     run = {name: _section(config, name) for name in ("reference", "train", "checkpoint", "logging", "export", "score")}
+    run["distributed"] = _section(config, "distributed") if "distributed" in config else {}
     run["data_extras"] = extras
     return RunConfig(data=typed(DataConfig, "data", data), loss=typed(LossConfig, "loss", _section(config, "loss")),
                      optimizer=typed(OptimizerConfig, "optimizer", _section(config, "optimizer")),

@@ -14,6 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from simpo_jax import distributed
 from simpo_jax.build import build_model, load_data
 from simpo_jax.config import build_run_config
 from simpo_jax.data import pad_batch
@@ -25,6 +26,7 @@ from simpo_jax.step import pair_logps
 def score(config: Any, output: str) -> int:
     """Write the scores of every example of the configured split; returns how many were written."""
     rc = build_run_config(config)
+    distributed.initialize(rc.run["distributed"])
     mesh = rc.mesh.build()
     tokenizer, train_data, eval_data = load_data(rc, verbose=jax.process_index() == 0)
     split = rc.run["score"]["split"]

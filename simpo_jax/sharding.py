@@ -52,6 +52,7 @@ class MeshConfig:
     tensor: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    slice: str = ""  # the TPU slice the sizes were chosen for (e.g. v5p-16): aot's default topology
 
     def ici_shape(self, num_devices: int) -> tuple[int, int, int]:
         """ICI sizes with -1 resolved; raises ConfigError naming `mesh` when they do not fit the devices."""

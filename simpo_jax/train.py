@@ -21,6 +21,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
+from simpo_jax import distributed
 from simpo_jax.build import build_model, load_data, load_reference, tokenizer_dir
 from simpo_jax.checkpoint import Checkpointer
 from simpo_jax.config import build_run_config
@@ -30,11 +31,14 @@ from simpo_jax.models.hf_export import export_hf
 from simpo_jax.optim import make_optimizer
 from simpo_jax.sharding import batch_sharding
 from simpo_jax.step import copy_params, init_train_state, make_steps
+from simpo_jax.topology import parse_slice
 
 SUMMARY_FILE = "summary.json"
 
-# Tests set this to SIGKILL the run right after a given step (a crash mid-run, possibly mid-save).
+# Tests set these to SIGKILL the run right after a given step (a crash mid-run, possibly mid-save), or to
+# SIGTERM it (a maintenance event, e.g. on one worker only).
 _KILL_AT_STEP = int(os.environ.get("SIMPO_JAX_SIGKILL_AT_STEP", "0"))
+_TERM_AT_STEP = int(os.environ.get("SIMPO_JAX_SIGTERM_AT_STEP", "0"))
 
 
 class _Preemption:
@@ -61,10 +65,13 @@ def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, r
 def run(config: Any) -> dict[str, float]:
     """Train as configured; returns the final held-out metrics (empty without a held-out split)."""
     rc = build_run_config(config)
+    distributed.initialize(rc.run["distributed"])  # before anything touches a device
     train_cfg, ckpt_cfg = rc.run["train"], rc.run["checkpoint"]
     out = train_cfg["output_dir"]
     main = jax.process_index() == 0
     mesh = rc.mesh.build()
+    if main:
+        _describe_hosts(rc.mesh.slice)
     tokenizer, train_data, eval_data = load_data(rc, verbose=main)
     sharding = batch_sharding(mesh)
     batch_size = int(train_cfg["batch_size"])
@@ -124,7 +131,9 @@ def run(config: Any) -> dict[str, float]:
             last_saved = step
         if step == _KILL_AT_STEP:  # fault injection for tests: die as a preempted or crashed VM would
             os.kill(os.getpid(), signal.SIGKILL)
-        if preemption.requested:
+        if step == _TERM_AT_STEP:
+            signal.raise_signal(signal.SIGTERM)
+        if distributed.any_process(preemption.requested):  # every worker saves the same step
             if last_saved != step:
                 checkpoints.save(step, state, batches.state(), force=True)
             checkpoints.close()
@@ -162,6 +171,18 @@ def _write_summary(output_dir: str, steps: int, final: dict[str, float]) -> None
     with open(tmp, "w") as f:
         json.dump({"status": "finished", "steps": steps, "final": final}, f, indent=1)
     os.replace(tmp, os.path.join(output_dir, SUMMARY_FILE))
+
+
+def _describe_hosts(slice_name: str) -> None:
+    """One line on the process group; a warning when the devices are not the slice the mesh was chosen for."""
+    if jax.process_count() > 1:
+        print(f"process 0 of {jax.process_count()}; {jax.device_count()} devices "
+              f"({jax.local_device_count()} local)", flush=True)
+    if slice_name and jax.default_backend() == "tpu":
+        chips = parse_slice(slice_name).chips
+        if chips != jax.device_count():
+            print(f"warning: mesh.slice is {slice_name} ({chips} chips) but this run has {jax.device_count()} "
+                  "devices: the preset's memory check does not apply", flush=True)
 
 
 def _progress(start: int, total: int, enabled: bool):

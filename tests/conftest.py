@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 DEVICES_ENV = "SIMPO_TEST_DEVICES"
+# The tests run on CPU (also where libtpu is installed for the ahead-of-time TPU compile test).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Tiny configurations of each supported family (transformers kwargs).
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

@@ -11,7 +11,7 @@ from simpo_jax.models.presets import PRESETS, preset
 
 # Parameter counts published with the models (model cards / safetensors metadata).
 PUBLISHED = {"llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496, "llama3.2-1b": 1_235_814_400,
-             "mistral-7b-v0.1": 7_241_732_096, "mistral-7b-v0.3": 7_248_023_552}
+             "mistral-7b-v0.1": 7_241_732_096, "mistral-7b-v0.2": 7_241_732_096, "mistral-7b-v0.3": 7_248_023_552}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -1,0 +1,36 @@
+"""TPU slice presets: the mesh split, remat policy and micro-batches that fit the paper's global batch
+(128 pairs x 2,048 tokens) on each slice, checked with `python -m simpo_jax.aot` (README table).
+
+Pick one with the config file's argument: `--config configs/llama3_8b_instruct.py:v5p-16`.
+"""
+from ml_collections import ConfigDict
+
+# model family -> slice (accelerator type) -> mesh sizes and step options.
+PRESETS = {
+    "llama3-8b": {
+        "v4-32": dict(fsdp=16, tensor=1, remat_policy="full", micro_batches=4),
+        "v5litepod-64": dict(fsdp=64, tensor=1, remat_policy="full", micro_batches=2),
+        "v5p-16": dict(fsdp=8, tensor=1, remat_policy="full", micro_batches=2),
+        "v6e-16": dict(fsdp=16, tensor=1, remat_policy="full", micro_batches=4),
+    },
+    "llama3-70b": {
+        "v5p-128": dict(fsdp=64, tensor=1, remat_policy="full", micro_batches=2),
+        "v6e-64": dict(fsdp=64, tensor=1, remat_policy="full", micro_batches=2),
+    },
+}
+PRESETS["mistral-7b"] = dict(PRESETS["llama3-8b"])  # the same shape but vocabulary: the same splits fit
+
+
+def apply(c: ConfigDict, family: str, slice_name: str) -> ConfigDict:
+    """Set `c`'s mesh (and mesh.slice), remat policy and micro-batches for `slice_name`; "" leaves `c` as is."""
+    if not slice_name:
+        return c
+    presets = PRESETS[family]
+    if slice_name not in presets:
+        raise ValueError(f"no {family} preset for slice {slice_name!r} (presets: {', '.join(presets)}); "
+                         f"set --config.mesh.* and check with python -m simpo_jax.aot --topology {slice_name}")
+    p = presets[slice_name]
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.slice = 1, p["fsdp"], p["tensor"], slice_name
+    c.model.remat_policy = p["remat_policy"]
+    c.step.micro_batches = p["micro_batches"]
+    return c
