@@ -25,6 +25,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "absl-py>=2.0",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # torch is pinned: it is the CPU wheel; an unpinned torch pulls gigabytes of CUDA.
