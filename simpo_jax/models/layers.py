@@ -6,6 +6,7 @@ maps those names onto mesh axes. Dense activations stay 2-D `(tokens, features)`
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -76,6 +77,8 @@ class Attention(nnx.Module):
         if cfg.attention_impl == "jax":
             out = jax.nn.dot_product_attention(
                 q.reshape(batch, length, kv * groups, h), k, v, mask=mask[:, None], scale=h ** -0.5)
+        elif use_blocked_attention():
+            out = causal_blocked_attention(q, k, v, mask, h ** -0.5, _query_block(length))
         else:
             scores = jnp.einsum("blkgh,bskh->bkgls", q, k) * jnp.asarray(h ** -0.5, dt)
             scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASKED)
@@ -83,6 +86,76 @@ class Attention(nnx.Module):
             out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
         out = out.reshape(batch * length, cfg.num_heads, h)
         return checkpoint_name(jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(dt)), "out_proj")
+
+
+def use_blocked_attention() -> bool:
+    """The XLA attention path uses `causal_blocked_attention` on CPU only (TPU/GPU keep one-block attention)."""
+    return jax.default_backend() == "cpu"
+
+
+def _query_block(length: int) -> int:
+    """Query rows per block of `causal_blocked_attention`: 128 (fastest on a 2-core CPU at 512 tokens), more
+    for long sequences so that a layer has at most 16 blocks (each is traced separately)."""
+    return max(128, -(-length // 16))
+
+
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Masked float32 scores `[batch, kv_heads, groups, q_len, kv_len]`, computed in q's dtype as the XLA path."""
+    s = jnp.einsum("blkgh,bskh->bkgls", q, k) * jnp.asarray(scale, q.dtype)
+    return jnp.where(mask[:, None, None], s.astype(jnp.float32), _MASKED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                             block: int) -> jax.Array:
+    """Causal attention a block of queries at a time, each against only the keys up to its last row.
+
+    `q [batch, len, kv_heads, groups, head_dim]`, `k, v [batch, len, kv_heads, head_dim]`, `mask [batch, q, kv]`
+    (which must be causal: keys after a block's last query are never looked at). Skipping those keys saves
+    about half of the score work; the backward recomputes each block's probabilities from the saved
+    log-sum-exp (flash-attention style), so no `[batch, heads, len, len]` tensor is kept for the backward.
+    Used on CPU, where it is about twice as fast as the one-block XLA path for 512 tokens; a fully masked row
+    gets uniform weights, as in the XLA path.
+    """
+    return _blocked_forward(q, k, v, mask, scale, block)[0]
+
+
+def _blocks(length: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, length)) for start in range(0, length, block)]
+
+
+def _blocked_forward(q, k, v, mask, scale, block):
+    outs, lses = [], []
+    for start, end in _blocks(q.shape[1], block):
+        s = _scores(q[:, start:end], k[:, :end], mask[:, start:end, :end], scale)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bkgls,bskh->blkgh", p.astype(v.dtype), v[:, :end], preferred_element_type=jnp.float32)
+        outs.append((o / jnp.moveaxis(total, 3, 1)).astype(q.dtype))
+        lses.append(m + jnp.log(total))
+    out = jnp.concatenate(outs, axis=1)
+    return out, (q, k, v, mask, out, lses)
+
+
+def _blocked_backward(scale, block, residuals, d_out):
+    q, k, v, mask, out, lses = residuals
+    f32 = jnp.float32
+    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    for (start, end), lse in zip(_blocks(q.shape[1], block), lses):
+        qi, ki, vi, doi = q[:, start:end], k[:, :end], v[:, :end], d_out[:, start:end]
+        p = jnp.exp(_scores(qi, ki, mask[:, start:end, :end], scale) - lse)
+        # sum_s p * dp = sum_h d_out * out: a [batch, len, heads] reduction instead of one over the scores.
+        delta = jnp.sum(doi.astype(f32) * out[:, start:end].astype(f32), axis=-1)
+        dp = jnp.einsum("blkgh,bskh->bkgls", doi, vi, preferred_element_type=f32)
+        ds = (p * (dp - jnp.moveaxis(delta, 1, 3)[..., None]) * scale).astype(q.dtype)
+        dq.append(jnp.einsum("bkgls,bskh->blkgh", ds, ki, preferred_element_type=f32).astype(q.dtype))
+        dk = dk.at[:, :end].add(jnp.einsum("bkgls,blkgh->bskh", ds, qi, preferred_element_type=f32))
+        dv = dv.at[:, :end].add(jnp.einsum("bkgls,blkgh->bskh", p.astype(v.dtype), doi, preferred_element_type=f32))
+    return jnp.concatenate(dq, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+causal_blocked_attention.defvjp(_blocked_forward, _blocked_backward)
 
 
 class MLP(nnx.Module):
