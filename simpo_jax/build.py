@@ -53,6 +53,7 @@ def build_model(rc: RunConfig, mesh: Mesh, tokenizer: Any, seed: int) -> tuple[n
         model = load_hf(rc.model["hf_path"], mesh=mesh, **runtime)
         graphdef, params = nnx.split(model)
         cfg = model.cfg
+        _check_preset_shape(rc.model.get("preset"), cfg)
     else:
         cfg = model_config(rc.model).replace(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -60,6 +61,22 @@ def build_model(rc: RunConfig, mesh: Mesh, tokenizer: Any, seed: int) -> tuple[n
               f"{cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
         graphdef, params = random_params(cfg, mesh, seed=seed)
     return graphdef, params, cfg
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _check_preset_shape(name: str | None, cfg: ModelConfig) -> None:
+    """A config naming both weights and a preset (the shape `simpo_jax.aot` checks) must agree on the shape."""
+    if not name:
+        return
+    from simpo_jax.models.presets import preset
+
+    expected = preset(name)
+    wrong = [f"{f}: {getattr(cfg, f)} (preset {getattr(expected, f)})" for f in SHAPE_FIELDS
+             if getattr(cfg, f) != getattr(expected, f)]
+    check(not wrong, "model", "preset", f"{name!r} does not match the checkpoint in model.hf_path: {'; '.join(wrong)}"
+          " (the preset is the shape the aot fit check compiles; fix or clear it)")
 
 
 def load_reference(rc: RunConfig, mesh: Mesh, cfg: ModelConfig) -> Any | None:

@@ -129,3 +129,12 @@ def test_bad_topology_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "simpo_jax.aot", "--config", str(ROOT / "configs" / "tiny.py"),
                            "--topology", "v9-8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "topology 'v9-8'" in proc.stderr
+
+
+def test_a_preset_that_disagrees_with_the_loaded_checkpoint_is_named():
+    from simpo_jax.build import _check_preset_shape
+    from simpo_jax.models.presets import preset
+
+    _check_preset_shape("mistral-7b-v0.2", preset("mistral-7b-v0.2", dtype="float32"))  # runtime options may differ
+    with pytest.raises(ConfigError, match=r"model config field 'preset'.*vocab_size: 32768 \(preset 32000\)"):
+        _check_preset_shape("mistral-7b-v0.2", preset("mistral-7b-v0.3"))
