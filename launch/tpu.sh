@@ -31,7 +31,9 @@
 #   --env-from-host NAME        copy NAME's value from this shell to every worker, never printed (setup; repeatable)
 #   --config FILE[:SLICE]       config file in the repo, e.g. configs/llama3_8b_instruct.py:v5p-16 (train)
 #   --bucket gs://BUCKET        where checkpoints and outputs go (train)
-#   --run NAME                  run name (train, logs, stop; default: the config file's name)
+#   --run NAME                  run name, may contain / (train, logs; default: the config file's name)
+#   --wait                      train in the foreground: return when every worker is done, with its status
+#   --fetch DIR                 with --wait: then copy gs://BUCKET/RUN/output to the local DIR (e.g. for sweeps)
 #   --dry-run                   print the exact gcloud commands, one per line, and run nothing
 #   -- ARGS                     extra --config.<field>=<value> overrides for train
 set -euo pipefail
@@ -46,7 +48,7 @@ shift
 
 ENV_TMP=""
 NAME="" ZONE="" PROJECT="" ACCELERATOR="v5p-16" RUNTIME="" CAPACITY="" QUEUED=0 SLICES=1
-REPO="" COMMIT="" CONFIG="" BUCKET="" RUN="" DRY_RUN=0
+REPO="" COMMIT="" CONFIG="" BUCKET="" RUN="" DRY_RUN=0 WAIT=0 FETCH=""
 ENV_PAIRS=() ENV_FROM_HOST=() OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -66,6 +68,8 @@ while [[ $# -gt 0 ]]; do
     --config) CONFIG="$2"; shift 2 ;;
     --bucket) BUCKET="${2%/}"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
+    --wait) WAIT=1; shift ;;
+    --fetch) FETCH="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; OVERRIDES=("$@"); break ;;
     *) die "unknown option $1 (see launch/tpu.sh --help)" ;;
@@ -197,14 +201,25 @@ cmd_train() {
     train+=" $(quote "$arg")"
   done
   # launch/worker.sh loads the shared environment, runs the command and copies the run directory to the bucket.
-  on_workers all "cd ~/$REMOTE_DIR && nohup launch/worker.sh $out $BUCKET/$run_id/output $train \
-> \$HOME/simpo_jax_$run_id.log 2>&1 < /dev/null &"
+  local job="launch/worker.sh $out $BUCKET/$run_id/output $train" log="\$HOME/simpo_jax_${run_id//\//_}.log"
+  [[ -z "$FETCH" ]] || (( WAIT )) || die "--fetch needs --wait"
+  if (( ! WAIT )); then
+    on_workers all "cd ~/$REMOTE_DIR && nohup $job > $log 2>&1 < /dev/null &"
+    return
+  fi
+  local status=0
+  on_workers all "set -o pipefail; cd ~/$REMOTE_DIR && $job 2>&1 | tee $log" || status=$?
+  if [[ -n "$FETCH" ]]; then
+    run mkdir -p "$FETCH"
+    run gcloud storage rsync --recursive "$BUCKET/$run_id/output" "$FETCH" || status=$((status ? status : 1))
+  fi
+  exit "$status"
 }
 
 cmd_logs() {
   local run_id
   run_id="$(run_name)" || exit 2
-  on_workers 0 "tail -n +1 -F \$HOME/simpo_jax_$run_id.log"
+  on_workers 0 "tail -n +1 -F \$HOME/simpo_jax_${run_id//\//_}.log"
 }
 
 cmd_stop() { on_workers all "pkill -TERM -f '^python3 -m simpo_jax.train' || true"; }

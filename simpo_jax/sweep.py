@@ -19,7 +19,8 @@ LOG_FILE = "train.log"
 TAIL_LINES = 20
 USAGE = """python -m simpo_jax.sweep [run] --config configs/<setting>.py --sweep "loss.beta=2.0,2.5,10" \\
         [--sweep ...] [--zip "loss.beta=2,10" --zip "optimizer.learning_rate=1e-6,5e-7"] --out runs/<name> \\
-        [--print-commands] [--config.<field>=<value> ...]
+        [--print-commands] [--launch "launch/tpu.sh train --name N --zone Z --bucket gs://B"] \
+        [--config.<field>=<value> ...]
        python -m simpo_jax.sweep report runs/<name>"""
 
 
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--print-commands", action="store_true",
                    help="print each unfinished run's `python -m simpo_jax.train ...` command, one per line, "
                         "instead of running it (e.g. for a TPU pod launch script); writes sweep.json")
+    p.add_argument("--launch", default="", metavar="PREFIX",
+                   help="run each run on a TPU slice with this launch/tpu.sh train command prefix (it adds "
+                        "--wait, --run <out name>/<run>, --fetch <out>/<run>, --config and the run's overrides): "
+                        "the sweep then works as locally, with checkpoints in the bucket")
     return p
 
 
@@ -77,10 +82,24 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"run {run.name}: {e}") from None
         command = ["python", "-m", "simpo_jax.train", "--config", args.config,
                    *(f"--config.{f}={v}" for f, v in assignments.items())]
+        if args.launch:
+            command = launch_command(args.launch, args.out, run.name, out_dir, args.config, assignments)
         entries.append({"name": run.name, "values": run.values, "output_dir": out_dir,
                         "seed": config.train.seed, "data_seed": config.data.seed, "command": command})
     return {"config": args.config, "config_sha256": digest, "overrides": overrides,
             "axes": [a.to_json() for a in axes], "runs": entries}
+
+
+def launch_command(prefix: str, out: str, name: str, out_dir: str, config_file: str,
+                   assignments: dict[str, str]) -> list[str]:
+    """`launch/tpu.sh train ...` that runs one grid point on every worker, waits, and fetches its outputs."""
+    words = shlex.split(prefix)
+    if "train" not in words or not any(w.endswith("tpu.sh") for w in words):
+        raise ConfigError(f"--launch {prefix!r}: expected a `launch/tpu.sh train --name ... --zone ... --bucket "
+                          "gs://...` prefix")
+    own = ("train.output_dir", "checkpoint.directory")  # tpu.sh puts both under the run's name in the bucket
+    return [*words, "--wait", "--run", f"{os.path.basename(os.path.normpath(out))}/{name}", "--fetch", out_dir,
+            "--config", config_file, "--", *(f"--config.{f}={v}" for f, v in assignments.items() if f not in own)]
 
 
 def _run_assignments(run: Run, fixed: dict[str, str], config: Any, out_dir: str) -> dict[str, str]:
@@ -147,8 +166,9 @@ def _launch(run: dict[str, Any], log_path: str, stop: _Stop) -> int | None:
         log.write(f"=== simpo_jax.sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(run['command'])}\n")
         log.flush()
         try:
-            stop.child = subprocess.Popen([sys.executable, *run["command"][1:]], stdout=log,
-                                          stderr=subprocess.STDOUT)
+            local = run["command"][0] == "python"  # else a launch/tpu.sh command (a TPU slice)
+            stop.child = subprocess.Popen([sys.executable, *run["command"][1:]] if local else run["command"],
+                                          stdout=log, stderr=subprocess.STDOUT)
             return stop.child.wait()
         except KeyboardInterrupt:  # Ctrl-C reaches the child too: let it end
             if stop.child is not None:

@@ -237,6 +237,31 @@ def _check_pngs(report):
             image.verify()
 
 
+def test_launch_prefix_runs_each_grid_point_on_a_slice_and_fetches_it(tmp_path, capsys):
+    from simpo_jax import sweep
+
+    out = tmp_path / "grid"
+    prefix = "launch/tpu.sh train --name pod --zone us-east5-a --bucket gs://b/sweeps"
+    assert sweep.main(["--config", TINY, "--sweep", "loss.beta=2,10", "--out", str(out), "--print-commands",
+                       "--launch", prefix, "--config.train.max_steps=6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert shlex.split(lines[0]) == [*shlex.split(prefix), "--wait", "--run", "grid/beta=2", "--fetch",
+                                     str(out / "beta=2"), "--config", TINY, "--",
+                                     "--config.train.max_steps=6", "--config.loss.beta=2"]
+    # What that command does (its dry run): train on every worker, wait, then fetch the outputs to the run dir,
+    # where the sweep looks for summary.json and the report for metrics.jsonl.
+    words = shlex.split(lines[0])
+    proc = subprocess.run(["bash", words[0], *words[1:2], "--dry-run", *words[2:]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ssh, mkdir, fetch = (shlex.split(line) for line in proc.stdout.splitlines())
+    assert "--worker=all" in ssh and "--config.checkpoint.directory=gs://b/sweeps/grid/beta=2/checkpoints" in ssh[-1]
+    assert fetch == ["gcloud", "storage", "rsync", "--recursive", "gs://b/sweeps/grid/beta=2/output",
+                     str(out / "beta=2")]
+    with pytest.raises(SystemExit, match="expected a `launch/tpu.sh train"):
+        sweep.main(["--config", TINY, "--sweep", "loss.beta=2,10", "--out", str(tmp_path / "x"), "--launch", "ls"])
+
+
 def test_report_best_and_final_statuses_and_panels_without_training(tmp_path):
     from simpo_jax.sweep import main
 
