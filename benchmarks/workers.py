@@ -15,7 +15,7 @@ from common import (BETA, DPO_BETA, GAMMA, SIZES, Size, busy_cpu_seconds, hf_con
                     own_cpu_seconds, peak_rss_mib, text_rows, token_batch)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOGPROB_CHUNK = 128  # simpo_jax's log-prob chunk for the step benchmarks (sequence positions per chunk)
+LOGPROB_CHUNK = 256  # simpo_jax's default log-prob chunk (StepConfig.logprob_chunk_len), positions per chunk
 
 
 def peaks() -> dict:
