@@ -30,6 +30,11 @@ from simpo_jax.step import BATCH_KEYS, REFERENCE_KEYS, TrainState, make_steps
 from simpo_jax.topology import GiB, Slice, compile_only_devices, parse_slice
 
 
+TIGHT_SHARE = 0.9
+TIGHT = (", but tight: the runtime and fragmentation need some headroom beyond the compiler's count; "
+         "prefer more step.micro_batches or a larger slice")
+
+
 @dataclasses.dataclass(frozen=True)
 class FitReport:
     """Per-chip memory of the compiled train step on a slice, and the step's model FLOPs."""
@@ -66,10 +71,11 @@ class FitReport:
     def markdown_row(self, config_name: str) -> str:
         """One row of the README's preset table."""
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh_shape.items() if v > 1) or "1 device"
+        share = self.total_bytes / self.hbm_bytes
         return (f"| `{config_name}` | {self.slice.accelerator_type} ({self.slice.chips} chips) | {mesh} | "
                 f"{self.model.remat_policy} | {self.micro_batches} | {self.total_bytes / GiB:.1f} GiB | "
                 f"{self.hbm_bytes / GiB:.0f} GiB | {self.total_bytes / self.hbm_bytes:.0%} | "
-                f"{'fits' if self.fits else 'does not fit'} |")
+                f"{('tight fit' if share > TIGHT_SHARE else 'fits') if self.fits else 'does not fit'} |")
 
     def render(self) -> str:
         g, gib = self.slice.generation, lambda b: f"{b / GiB:8.2f} GiB"
@@ -91,7 +97,7 @@ class FitReport:
             f"model FLOPs  {self.model_flops:.3e} per step (6·N·T + attention); at {g.peak_bf16_flops / 1e12:.0f} "
             f"TFLOP/s bf16 per chip: {ideal:.2f} s per step at 100% MFU, {ideal / 0.5:.2f} s at 50%",
             f"compiled in  {self.compile_seconds:.0f} s",
-            "verdict      " + (f"FITS ({share:.0%} of HBM)" if self.fits else
+            "verdict      " + (f"FITS ({share:.0%} of HBM)" + (TIGHT if share > TIGHT_SHARE else "") if self.fits else
                                f"DOES NOT FIT: {self.total_bytes / GiB:.2f} GiB > {g.hbm_bytes / GiB:.0f} GiB; "
                                "raise step.micro_batches, use model.remat_policy=full, or a larger slice"),
         ]
