@@ -67,11 +67,16 @@ def worker(name: str, quick: bool, *extra: str) -> dict:
 
 
 def wait_quiet(max_load: float, seconds: float) -> None:
-    """Poll the 1-minute load average every 30 s until it is below `max_load` (at most `seconds`)."""
-    end = time.time() + seconds
-    while load_average() >= max_load and time.time() < end:
-        print(f"load {load_average():.2f} >= {max_load}: waiting", file=sys.stderr, flush=True)
+    """Poll the 1-minute load average every 30 s until two polls in a row are below `max_load` (at most
+    `seconds`; then it goes on and says so)."""
+    end, quiet = time.time() + seconds, 0
+    while time.time() < end:
+        quiet = quiet + 1 if load_average() < max_load else 0
+        if quiet == 2:
+            return
+        print(f"load {load_average():.2f} (quiet below {max_load}): waiting", file=sys.stderr, flush=True)
         time.sleep(30)
+    print(f"the machine did not become quiet in {seconds:.0f} s: measuring anyway", file=sys.stderr, flush=True)
 
 
 def measure(quick: bool) -> dict:
@@ -122,7 +127,8 @@ def report(res: dict, size: Size, command: str) -> str:
            f"Date: {res['start']:%Y-%m-%d %H:%M %Z}. Machine: {machine()}, CPU only. {_versions()}.", "",
            f"Load average (1 min) at start {res['load_start']:.2f}, at end {res['load_end']:.2f}; other processes "
            f"used {res['foreign_cpu_s']:.0f} CPU-seconds during the {res['wall_s']:.0f} s run "
-           f"({res['foreign_cpu_s'] / res['wall_s']:.2f} cores on average).", "",
+           f"({res['foreign_cpu_s'] / res['wall_s']:.2f} cores on average; at most "
+           f"{_most_disturbed(res):.2f} cores during any one measurement).", "",
            f"Model: {size.describe()}. fp32 weights and compute in both frameworks. Step times are the median of "
            f"{size.steps} steps after one warm-up step; every measurement runs in its own process.", "",
            "### 1. SimPO training throughput: simpo_jax vs TRL", "",
@@ -202,6 +208,13 @@ def report(res: dict, size: Size, command: str) -> str:
                         yes(c["compiled_gap"] >= c["ref_mib"] - 0.5 and c["rss_gap"] >= c["ref_mib"])])
     out += ["### Targets", "", markdown_table(["target", "goal", "measured", "met"], targets)]
     return "\n".join(out) + "\n"
+
+
+def _most_disturbed(res: dict) -> float:
+    """The largest average number of cores other processes used during one measurement."""
+    shares = [(r["machine_cpu_s"] - r["own_cpu_s"]) / r["wall_s"] for r in res.values()
+              if isinstance(r, dict) and "machine_cpu_s" in r]
+    return max(shares, default=0.0)
 
 
 def _remat(remat: str) -> str:
