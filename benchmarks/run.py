@@ -214,7 +214,7 @@ def _most_disturbed(res: dict) -> float:
     """The largest average number of cores other processes used during one measurement."""
     shares = [(r["machine_cpu_s"] - r["own_cpu_s"]) / r["wall_s"] for r in res.values()
               if isinstance(r, dict) and "machine_cpu_s" in r]
-    return max(shares, default=0.0)
+    return max(shares + [0.0])
 
 
 def _remat(remat: str) -> str:
