@@ -93,18 +93,27 @@ def token_batch(size: Size, seed: int = 0) -> dict[str, np.ndarray]:
     return batch
 
 
+def model_config(size: Size):
+    """The simpo_jax model config of this size (imports JAX, so only when called)."""
+    from simpo_jax.models.config import ModelConfig
+
+    return ModelConfig(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.mlp,
+                       num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads)
+
+
 def matmul_params(size: Size) -> int:
-    """N of the 6N rule: weights used in matmuls (attention and MLP projections, LM head). The embedding
-    lookup and the norms do no matmul and are not counted."""
-    d, h = size.hidden, size.head_dim
-    per_layer = d * h * (2 * size.heads + 2 * size.kv_heads) + 3 * d * size.mlp
-    return size.layers * per_layer + d * size.vocab
+    """N of the 6N rule (`simpo_jax.flops.matmul_params`): no embedding lookup, no norms."""
+    from simpo_jax import flops
+
+    return flops.matmul_params(model_config(size))
 
 
 def train_flops_per_token(size: Size) -> float:
-    """Model FLOPs of one train step per token, PaLM appendix B: 6N + 12 * layers * heads * head_dim * length
-    (the attention term counts the full, not causal, score matrix); recomputation is not counted."""
-    return 6 * matmul_params(size) + 12 * size.layers * size.heads * size.head_dim * size.length
+    """Model FLOPs of one train step per token (`simpo_jax.flops`, PaLM's convention: 6N + 12 * layers * heads *
+    head_dim * length, the full score matrix, no recomputation)."""
+    from simpo_jax import flops
+
+    return flops.train_step_flops(model_config(size), 1, size.length)
 
 
 def train_flops(size: Size) -> float:
