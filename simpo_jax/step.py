@@ -36,12 +36,13 @@ class StepConfig:
     """Micro-batching, log-prob chunking and where reference log-probs come from."""
 
     micro_batches: int = 1
-    logprob_chunk_len: int = 256
+    logprob_chunk_len: int = 256  # 0: full logits, kept for the backward (faster when they fit)
     reference: str = "model"  # model (frozen params) | precomputed (batch columns); DPO-style losses only
 
     def validate(self) -> "StepConfig":
         check(self.micro_batches >= 1, "step", "micro_batches", f"must be >= 1, got {self.micro_batches}")
-        check(self.logprob_chunk_len >= 1, "step", "logprob_chunk_len", "must be >= 1")
+        check(self.logprob_chunk_len >= 0, "step", "logprob_chunk_len",
+              "must be >= 1 (positions per recomputed chunk) or 0 (full logits kept, no recomputation)")
         check(self.reference in ("model", "precomputed"), "step", "reference",
               f"{self.reference!r} is not model or precomputed")
         return self

@@ -29,7 +29,7 @@ def _numpy_reference(hidden, kernel, ids, attention, loss_mask):
     return ((token_logp * mask).sum(-1), mask.sum(-1), (logits.sum(-1) * attention).sum(-1), attention.sum(-1))
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 5, 13, 64])
+@pytest.mark.parametrize("chunk", [0, 1, 4, 5, 13, 64])
 def test_chunked_logps_match_full_logits(chunk):
     hidden, kernel, ids, attention, loss_mask = _inputs()
     got = logps_from_hidden(jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(ids), jnp.asarray(attention),
@@ -46,6 +46,20 @@ def test_chunked_gradients_match_unchunked():
         return jnp.sum(s.logp_sum / s.tokens * jnp.arange(1, N + 1))
 
     full = jax.grad(objective, argnums=(0, 1))(hidden, kernel, L)
-    chunked = jax.grad(objective, argnums=(0, 1))(hidden, kernel, 3)
-    for a, b in zip(full, chunked):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for chunk in (3, 0):  # recomputed chunks; full logits kept for the backward
+        got = jax.grad(objective, argnums=(0, 1))(hidden, kernel, chunk)
+        for a, b in zip(full, got):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_zero_keeps_the_logits_instead_of_recomputing_them():
+    """Chunked: the backward recomputes the head matmul of every chunk; chunk 0: it does not (one matmul fewer
+    in the compiled value-and-gradient: logits, their recomputation, and the two gradient matmuls)."""
+    hidden, kernel, ids, attention, loss_mask = (jnp.asarray(x) for x in _inputs(2))
+
+    def dots(chunk):
+        fn = jax.value_and_grad(
+            lambda h, k: jnp.sum(logps_from_hidden(h, k, ids, attention, loss_mask, chunk).logp_sum), argnums=(0, 1))
+        return jax.jit(fn).lower(hidden, kernel).compile().as_text().count(" dot(")
+
+    assert dots(3) == 4 and dots(0) == 3
