@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config, model_config
 from simpo_jax.errors import ConfigError
@@ -25,8 +24,7 @@ from simpo_jax.flops import train_step_flops
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.decoder import abstract_decoder
 from simpo_jax.optim import make_optimizer
-from simpo_jax.sharding import state_shardings
-from simpo_jax.step import BATCH_KEYS, REFERENCE_KEYS, TrainState, make_steps
+from simpo_jax.step import BATCH_KEYS, REFERENCE_KEYS, TrainState, make_steps, train_state_shardings
 from simpo_jax.topology import GiB, Slice, compile_only_devices, parse_slice
 
 
@@ -65,21 +63,24 @@ class FitReport:
         return self.slice.generation.hbm_bytes
 
     @property
+    def share(self) -> float:
+        """The per-chip total as a fraction of HBM."""
+        return self.total_bytes / self.hbm_bytes
+
+    @property
     def fits(self) -> bool:
         return not self.compiler_error and self.total_bytes <= self.hbm_bytes
 
     def markdown_row(self, config_name: str) -> str:
         """One row of the README's preset table."""
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh_shape.items() if v > 1) or "1 device"
-        share = self.total_bytes / self.hbm_bytes
         return (f"| `{config_name}` | {self.slice.accelerator_type} ({self.slice.chips} chips) | {mesh} | "
                 f"{self.model.remat_policy} | {self.micro_batches} | {self.total_bytes / GiB:.1f} GiB | "
-                f"{self.hbm_bytes / GiB:.0f} GiB | {self.total_bytes / self.hbm_bytes:.0%} | "
-                f"{('tight fit' if share > TIGHT_SHARE else 'fits') if self.fits else 'does not fit'} |")
+                f"{self.hbm_bytes / GiB:.0f} GiB | {self.share:.0%} | "
+                f"{('tight fit' if self.share > TIGHT_SHARE else 'fits') if self.fits else 'does not fit'} |")
 
     def render(self) -> str:
-        g, gib = self.slice.generation, lambda b: f"{b / GiB:8.2f} GiB"
-        share = self.total_bytes / self.hbm_bytes
+        g, gib, share = self.slice.generation, lambda b: f"{b / GiB:8.2f} GiB", self.share
         ideal = self.model_flops / (self.slice.chips * g.peak_bf16_flops)
         lines = [
             f"slice        {self.slice.describe()}",
@@ -131,13 +132,10 @@ def check_fit(config: Any, tpu: Slice, devices: list | None = None) -> FitReport
     seq = int(rc.data.max_length)
     tx, schedule = make_optimizer(rc.optimizer, 1000)
     graphdef, params = abstract_decoder(cfg)
-    param_sh = state_shardings(params, mesh)
-    params = _abstract(params, param_sh)
-    opt_state = jax.eval_shape(tx.init, params)
-    opt_sh = state_shardings(opt_state, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_sh = TrainState(replicated, param_sh, opt_sh)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, _abstract(opt_state, opt_sh))
+    state_sh = train_state_shardings(params, tx, mesh)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=state_sh.step),
+                       _abstract(params, state_sh.params),
+                       _abstract(jax.eval_shape(tx.init, params), state_sh.opt_state))
     steps = make_steps(graphdef, cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=steps.batch_sharding)
     args: list[Any] = [state, {k: ids for k in BATCH_KEYS}]

@@ -220,12 +220,18 @@ def _sharded_init(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> tuple[nnx.Graph
     return graphdef, init
 
 
+def train_state_shardings(params: Any, tx: optax.GradientTransformation, mesh: Mesh,
+                          rules: Rules = DEFAULT_RULES) -> TrainState:
+    """Shardings of the train state for `params` (arrays or abstract): the step counter replicated, params and
+    optimizer state by their logical axes."""
+    return TrainState(NamedSharding(mesh, PartitionSpec()), state_shardings(params, mesh, rules),
+                      state_shardings(jax.eval_shape(tx.init, params), mesh, rules))
+
+
 def init_train_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh,
                      rules: Rules = DEFAULT_RULES) -> tuple[TrainState, TrainState]:
     """Wrap sharded params with a sharded optimizer state; returns (state, its shardings)."""
-    param_sh = state_shardings(params, mesh, rules)
-    opt_sh = state_shardings(jax.eval_shape(tx.init, params), mesh, rules)
-    state_sh = TrainState(NamedSharding(mesh, PartitionSpec()), param_sh, opt_sh)
+    state_sh = train_state_shardings(params, tx, mesh, rules)
     init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                   in_shardings=(_plain(param_sh),), out_shardings=_plain(state_sh), donate_argnums=(0,))
+                   in_shardings=(_plain(state_sh.params),), out_shardings=_plain(state_sh), donate_argnums=(0,))
     return init(params), state_sh

@@ -11,6 +11,7 @@ import pytest
 from simpo_jax.config import build_run_config
 from simpo_jax.errors import ConfigError
 from simpo_jax.topology import parse_slice
+from test_configs import _load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -18,11 +19,8 @@ needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installe
 
 
 def _config(name, arg=""):
-    sys.path.insert(0, str(ROOT / "configs"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    sys.path.insert(0, str(ROOT / "configs"))  # pods.py, imported by the setting configs and by the test below
+    return _load(name, *([arg] if arg else []))
 
 
 @pytest.mark.parametrize("name, chips, topology, hosts", [

@@ -17,11 +17,12 @@ PAPER = {  # setting: (loss, beta, gamma/beta, learning rate, max_length, max_pr
 }
 
 
-def _load(name):
+def _load(name, *args):
+    """`configs/<name>.py`'s get_config(*args) (an argument: a slice preset, as after `:` on the command line)."""
     spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

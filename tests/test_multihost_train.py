@@ -1,22 +1,16 @@
 """The train command as two processes on localhost (jax.distributed, gloo, 4 fake CPU devices each)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
+from test_data_multihost import _free_port
 from test_train import ROOT, _metrics, tiny_overrides
 
 CPU8 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 CPU4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(out, *extra):

@@ -80,9 +80,7 @@ class Attention(nnx.Module):
         elif use_blocked_attention():
             out = causal_blocked_attention(q, k, v, mask, h ** -0.5, _query_block(length))
         else:
-            scores = jnp.einsum("blkgh,bskh->bkgls", q, k) * jnp.asarray(h ** -0.5, dt)
-            scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASKED)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            probs = jax.nn.softmax(_scores(q, k, mask, h ** -0.5), axis=-1).astype(dt)
             out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
         out = out.reshape(batch * length, cfg.num_heads, h)
         return checkpoint_name(jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(dt)), "out_proj")
@@ -100,7 +98,7 @@ def _query_block(length: int) -> int:
 
 
 def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Masked float32 scores `[batch, kv_heads, groups, q_len, kv_len]`, computed in q's dtype as the XLA path."""
+    """Masked float32 scores `[batch, kv_heads, groups, q_len, kv_len]`, the products in q's (compute) dtype."""
     s = jnp.einsum("blkgh,bskh->bkgls", q, k) * jnp.asarray(scale, q.dtype)
     return jnp.where(mask[:, None, None], s.astype(jnp.float32), _MASKED)
 
