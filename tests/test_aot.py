@@ -136,3 +136,17 @@ def test_a_preset_that_disagrees_with_the_loaded_checkpoint_is_named():
     _check_preset_shape("mistral-7b-v0.2", preset("mistral-7b-v0.2", dtype="float32"))  # runtime options may differ
     with pytest.raises(ConfigError, match=r"model config field 'preset'.*vocab_size: 32768 \(preset 32000\)"):
         _check_preset_shape("mistral-7b-v0.2", preset("mistral-7b-v0.3"))
+
+
+@needs_libtpu
+def test_a_tpu_compile_on_a_cpu_host_traces_the_tpu_attention_path():
+    """The CPU-only blocked attention is chosen by the platform compiled for, not by this host's backend."""
+    from simpo_jax.models.layers import use_blocked_attention
+    from simpo_jax.sharding import activation_sharding, make_mesh
+    from simpo_jax.topology import compile_only_devices
+
+    assert jax.default_backend() == "cpu" and use_blocked_attention()
+    with activation_sharding(make_mesh({"fsdp": 4}, compile_only_devices(parse_slice("v5p:2x2x1")))):
+        assert not use_blocked_attention()
+    with activation_sharding(make_mesh({"fsdp": 1}, jax.devices()[:1])):
+        assert use_blocked_attention()

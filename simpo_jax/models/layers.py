@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.rope import apply_rope
-from simpo_jax.sharding import constrain
+from simpo_jax.sharding import active_platform, constrain
 
 TOKENS_HEADS = ("activation_tokens", "activation_heads", None)
 TOKENS_EMBED = ("activation_tokens", "activation_embed")
@@ -87,8 +87,9 @@ class Attention(nnx.Module):
 
 
 def use_blocked_attention() -> bool:
-    """The XLA attention path uses `causal_blocked_attention` on CPU only (TPU/GPU keep one-block attention)."""
-    return jax.default_backend() == "cpu"
+    """The XLA attention path uses `causal_blocked_attention` on CPU only (TPU/GPU keep one-block attention):
+    the platform compiled for (the active mesh's), not this host's, so an AOT TPU compile traces the TPU path."""
+    return (active_platform() or jax.default_backend()) == "cpu"
 
 
 def _query_block(length: int) -> int:
