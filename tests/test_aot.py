@@ -50,7 +50,7 @@ def test_every_preset_mesh_matches_its_slice():
     import pods
     assert set(pods.PRESETS) == set(SETTINGS)
     assert {"v4-32", "v5litepod-64", "v5p-16", "v6e-16"} <= set(pods.PRESETS["llama3-8b"])
-    assert {"v5p-128", "v6e-64"} <= set(pods.PRESETS["llama3-70b"])
+    assert {"v5p-128", "v6e-128"} <= set(pods.PRESETS["llama3-70b"])
     for family, slices in pods.PRESETS.items():
         for slice_name in slices:
             for setting in SETTINGS[family]:
