@@ -1,10 +1,12 @@
 """TPU slice presets: the mesh split, remat policy and micro-batches that fit the paper's global batch
-(128 pairs x 2,048 tokens) on each slice, checked with `python -m simpo_jax.aot` (README table).
+(128 pairs x 2,048 tokens) on each slice, checked with `python -m simpo_jax.aot` (README table). Every
+preset uses the splash-attention kernel (no `[batch, heads, len, len]` scores in HBM).
 
 Pick one with the config file's argument: `--config configs/llama3_8b_instruct.py:v5p-16`.
 """
 from ml_collections import ConfigDict
 
+ATTENTION = "splash"
 # model family -> slice (accelerator type) -> mesh sizes and step options.
 PRESETS = {
     "llama3-8b": {
@@ -15,8 +17,9 @@ PRESETS = {
     },
     "llama3-70b": {
         "v5p-128": dict(fsdp=64, tensor=1, remat_policy="full", micro_batches=2),
-        # Not v6e-64: there the step needs 44 GiB a chip (the TPU compiler: out of HBM) with one pair per chip
-        # per micro-batch already; it would need a fused (splash) attention kernel or smaller optimizer state.
+        # A tight fit: one pair per chip per micro-batch already, so micro_batches cannot grow; with the XLA
+        # attention's score tensors it needs 44 GiB a chip. v6e-128 leaves room.
+        "v6e-64": dict(fsdp=64, tensor=1, remat_policy="full", micro_batches=2),
         "v6e-128": dict(fsdp=128, tensor=1, remat_policy="full", micro_batches=1),
     },
 }
@@ -33,6 +36,6 @@ def apply(c: ConfigDict, family: str, slice_name: str) -> ConfigDict:
                          f"set --config.mesh.* and check with python -m simpo_jax.aot --topology {slice_name}")
     p = presets[slice_name]
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.slice = 1, p["fsdp"], p["tensor"], slice_name
-    c.model.remat_policy = p["remat_policy"]
+    c.model.remat_policy, c.model.attention_impl = p["remat_policy"], ATTENTION
     c.step.micro_batches = p["micro_batches"]
     return c

@@ -163,16 +163,21 @@ def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[No
         _ACTIVE.value = previous
 
 
+def active_mesh_and_rules() -> tuple[Mesh, Rules] | None:
+    """The `(mesh, rules)` of the enclosing `activation_sharding`, or None outside one."""
+    return getattr(_ACTIVE, "value", None)
+
+
 def active_platform() -> str | None:
     """The platform (cpu, tpu, gpu) of the mesh inside `activation_sharding`, i.e. of the devices being
     compiled for, which need not be this host's (ahead-of-time TPU compiles on a CPU host); None outside."""
-    active = getattr(_ACTIVE, "value", None)
+    active = active_mesh_and_rules()
     return None if active is None else active[0].devices.flat[0].platform
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axes inside `activation_sharding`; identity outside it."""
-    active = getattr(_ACTIVE, "value", None)
+    active = active_mesh_and_rules()
     if active is None:
         return x
     mesh, rules = active

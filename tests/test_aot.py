@@ -50,13 +50,13 @@ def test_every_preset_mesh_matches_its_slice():
     import pods
     assert set(pods.PRESETS) == set(SETTINGS)
     assert {"v4-32", "v5litepod-64", "v5p-16", "v6e-16"} <= set(pods.PRESETS["llama3-8b"])
-    assert {"v5p-128", "v6e-128"} <= set(pods.PRESETS["llama3-70b"])
+    assert {"v5p-128", "v6e-64", "v6e-128"} <= set(pods.PRESETS["llama3-70b"])
     for family, slices in pods.PRESETS.items():
         for slice_name in slices:
             for setting in SETTINGS[family]:
                 rc = build_run_config(_config(setting, slice_name))
                 chips = parse_slice(slice_name).chips
-                assert rc.mesh.slice == slice_name
+                assert rc.mesh.slice == slice_name and rc.model["attention_impl"] == "splash"
                 assert math.prod(rc.mesh.ici_shape(chips)) * rc.mesh.dcn_data * rc.mesh.dcn_fsdp == chips
                 assert rc.mesh.fsdp * rc.mesh.tensor * rc.mesh.data == chips, (setting, slice_name)
                 assert rc.run["train"]["batch_size"] % (rc.mesh.data * rc.mesh.fsdp * rc.step.micro_batches) == 0
@@ -150,3 +150,22 @@ def test_a_tpu_compile_on_a_cpu_host_traces_the_tpu_attention_path():
         assert not use_blocked_attention()
     with activation_sharding(make_mesh({"fsdp": 1}, jax.devices()[:1])):
         assert use_blocked_attention()
+
+
+@needs_libtpu
+def test_splash_attention_compiles_for_tpu_without_the_score_tensors():
+    """`model.attention_impl=splash` compiles the Pallas kernel for the TPU; the one-block XLA attention keeps
+    `[batch, heads, len, len]` float32 scores, the kernel does not, so the step's temporaries shrink."""
+    from simpo_jax.aot import check_fit
+
+    temps = {}
+    for impl in ("xla", "splash"):
+        config = _config("tiny")
+        config.model.dtype, config.model.attention_impl = "bfloat16", impl
+        config.model.hidden_size, config.model.num_heads, config.model.num_kv_heads = 512, 4, 2
+        config.data.max_length, config.data.max_prompt_length, config.data.bucket_lengths = 1024, 64, (1024,)
+        report = check_fit(config, parse_slice("v5p:2x2x1"))
+        assert report.fits
+        temps[impl] = report.temp_bytes
+    # One micro-batch's float32 scores on a chip: 16 sequences x 4 heads x 1024 x 1024 x 4 bytes = 256 MiB.
+    assert temps["xla"] - temps["splash"] > 256 * 2 ** 20, temps

@@ -11,7 +11,7 @@ from simpo_jax.errors import ConfigError, check
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
-ATTENTION_IMPLS = ("xla", "jax")
+ATTENTION_IMPLS = ("xla", "jax", "splash")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

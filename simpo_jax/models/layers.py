@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.rope import apply_rope
+from simpo_jax.models.splash import splash_attention
 from simpo_jax.sharding import active_platform, constrain
 
 TOKENS_HEADS = ("activation_tokens", "activation_heads", None)
@@ -77,6 +78,9 @@ class Attention(nnx.Module):
         if cfg.attention_impl == "jax":
             out = jax.nn.dot_product_attention(
                 q.reshape(batch, length, kv * groups, h), k, v, mask=mask[:, None], scale=h ** -0.5)
+        elif cfg.attention_impl == "splash":
+            tokens = jnp.diagonal(mask, axis1=1, axis2=2)  # a token attends to itself; padding to nothing
+            out = splash_attention(q, k, v, tokens, h ** -0.5, cfg.sliding_window, attention_platform())
         elif use_blocked_attention():
             out = causal_blocked_attention(q, k, v, mask, h ** -0.5, _query_block(length))
         else:
@@ -86,10 +90,14 @@ class Attention(nnx.Module):
         return checkpoint_name(jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(dt)), "out_proj")
 
 
+def attention_platform() -> str:
+    """The platform compiled for (the active mesh's), not this host's: an AOT TPU compile traces the TPU path."""
+    return active_platform() or jax.default_backend()
+
+
 def use_blocked_attention() -> bool:
-    """The XLA attention path uses `causal_blocked_attention` on CPU only (TPU/GPU keep one-block attention):
-    the platform compiled for (the active mesh's), not this host's, so an AOT TPU compile traces the TPU path."""
-    return (active_platform() or jax.default_backend()) == "cpu"
+    """The XLA attention path uses `causal_blocked_attention` on CPU only (TPU/GPU keep one-block attention)."""
+    return attention_platform() == "cpu"
 
 
 def _query_block(length: int) -> int:

@@ -1,0 +1,69 @@
+"""Fused causal attention on TPU: the Pallas splash-attention kernel, sharded over the batch and kv heads.
+
+The kernel never materializes a `[batch, heads, len, len]` score tensor (forward or backward), which is
+what lets long sequences and large models fit in HBM. Padding is expressed as segment ids (1 = token,
+0 = padding), causality and Mistral's sliding window as the kernel's block mask. On CPU the same kernel
+runs in Pallas' interpreter (slow; for tests); GPUs have no splash kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from simpo_jax.errors import check
+from simpo_jax.sharding import active_mesh_and_rules, logical_to_spec
+
+LANES = 128  # the kernel's block sizes are multiples of this; sequences are padded up to one
+QKV_AXES = ("activation_batch", "activation_heads", None, None, None)  # [batch, kv_heads, groups, len, dim]
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array, scale: float,
+                     sliding_window: int | None, platform: str) -> jax.Array:
+    """`q [batch, len, kv_heads, groups, dim]`, `k, v [batch, len, kv_heads, dim]`, `tokens [batch, len]`
+    (True = token) -> `[batch, len, kv_heads, groups, dim]`, causal (and windowed) attention."""
+    check(platform in ("tpu", "cpu"), "model", "attention_impl",
+          f"'splash' is a TPU kernel (interpreted on CPU, for tests); on {platform} use 'xla' or 'jax'")
+    length = q.shape[1]
+    padded = -(-length // LANES) * LANES
+    extra = (0, padded - length)
+    q = jnp.pad(jnp.moveaxis(q * jnp.asarray(scale, q.dtype), 1, 3), ((0, 0),) * 3 + (extra, (0, 0)))
+    k, v = (jnp.pad(jnp.moveaxis(t, 1, 2), ((0, 0),) * 2 + (extra, (0, 0))) for t in (k, v))
+    segments = jnp.pad(tokens.astype(jnp.int32), ((0, 0), extra))  # q [b, kv, g, L, h], k/v [b, kv, L, h]
+    kernel = _kernel(padded, q.shape[2], sliding_window, platform != "tpu")
+
+    def attend(q, k, v, segments):
+        def one(q, k, v, s):
+            from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+            return kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))
+        return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q, k, v, segments)
+
+    active = active_mesh_and_rules()
+    if active is not None:
+        mesh, rules = active
+        qs = logical_to_spec(QKV_AXES, q.shape, mesh, rules)
+        kvs = PartitionSpec(*qs[:2], None, None)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(qs, kvs, kvs, PartitionSpec(qs[0])), out_specs=qs,
+                               check_vma=False)
+    out = attend(q, k, v, segments)[:, :, :, :length]
+    return jnp.moveaxis(out, 3, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel(length: int, groups: int, sliding_window: int | None, interpret: bool):
+    """A multi-query splash kernel for one kv head's `groups` query heads (built once per shape)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    shape = (length, length)
+    if sliding_window is not None and sliding_window < length:
+        one = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
+    else:
+        one = sm.CausalMask(shape)
+    block = max(b for b in (512, 256, LANES) if length % b == 0)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * groups), block_sizes=sizes,
+                                            interpret=interpret)
