@@ -90,11 +90,12 @@ def _check_same_tokens(size: Size, trl_batch: dict) -> None:
         assert ((labels != -100) == ours[f"{side}_loss_mask"].astype(bool)).all(), side
 
 
-def jax_step(size: Size, model_dir: str, loss: str, remat: str, reference: str = "none") -> dict:
+def jax_step(size: Size, model_dir: str, loss: str, remat: str, reference: str = "none",
+             chunk: str = str(LOGPROB_CHUNK)) -> dict:
     """simpo_jax's compiled train step on the same weights and batch: time, compiled memory, peak RSS.
 
     `reference`: none (SimPO), model (DPO with an online frozen reference model), precomputed (DPO with
-    reference log-probs as batch columns)."""
+    reference log-probs as batch columns). `chunk`: log-prob positions per chunk (0 = full logits kept)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -111,7 +112,7 @@ def jax_step(size: Size, model_dir: str, loss: str, remat: str, reference: str =
     tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-6), total_steps=100)
     state, state_sh = init_train_state(params, tx, mesh)
     loss_cfg = (LossConfig("simpo", beta=BETA, gamma=GAMMA) if loss == "simpo" else LossConfig(loss, beta=DPO_BETA))
-    step_cfg = StepConfig(logprob_chunk_len=LOGPROB_CHUNK, reference="precomputed" if reference == "precomputed"
+    step_cfg = StepConfig(logprob_chunk_len=int(chunk), reference="precomputed" if reference == "precomputed"
                           else "model")
     steps = make_steps(graphdef, model.cfg, loss_cfg, step_cfg, tx, schedule, mesh, state_sh, size.pairs)
     batch = token_batch(size)
