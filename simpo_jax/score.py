@@ -6,12 +6,14 @@ One JSON line per example of `score.split` (eval or train), in dataset order: `i
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from simpo_jax import distributed
@@ -40,7 +42,8 @@ def score(config: Any, output: str) -> int:
     batch_size = -(-batch_size // dp) * dp
     chunk = rc.step.logprob_chunk_len
 
-    @jax.jit
+    # Replicated results: on several processes every one gets the whole batch's scores (no host owns them all).
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
     def logps(params, batch):
         with activation_sharding(mesh):
             return pair_logps(graphdef, params, batch, chunk)[0]
@@ -80,7 +83,9 @@ def main() -> None:
         if config.value is None:
             raise app.UsageError("--config configs/<setting>.py is required")
         absl_logging.set_verbosity(absl_logging.WARNING)
-        print(f"wrote {score(config.value, output.value)} scores to {output.value}")
+        written = score(config.value, output.value)
+        if jax.process_index() == 0:  # the others wrote nothing
+            print(f"wrote {written} scores to {output.value}")
 
     app.run(_main)
 

@@ -1,4 +1,4 @@
-"""The train command as two processes on localhost (jax.distributed, gloo, 4 fake CPU devices each)."""
+"""The train and score commands as two processes on localhost (jax.distributed, gloo, 4 fake CPU devices each)."""
 import json
 import os
 import subprocess
@@ -71,3 +71,32 @@ def test_two_processes_save_on_one_workers_sigterm_resume_and_match_one_process(
     _assert_close(_metrics(multi), _metrics(single))
     assert json.loads((multi / "summary.json").read_text())["steps"] == 12
     assert (multi / "hf" / "model.safetensors").exists()
+
+
+def _score_command(out, *extra):
+    return [sys.executable, "-m", "simpo_jax.score", "--config", str(ROOT / "configs" / "tiny.py"),
+            *tiny_overrides(out.parent / "run"), "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2", "--config.score.batch_size=12", f"--output={out}", *extra]
+
+
+def test_two_processes_score_like_one_process(tmp_path):
+    """Every process feeds the same global batches and gets the whole result; only process 0 writes."""
+    single = tmp_path / "single.jsonl"
+    proc = subprocess.run(_score_command(single), cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, **CPU8), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    port, procs = _free_port(), []
+    for i in range(2):
+        cmd = _score_command(tmp_path / f"multi{i}.jsonl", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=dict(os.environ, **CPU4)))
+    outputs = _finish(procs, timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    want = [json.loads(line) for line in single.read_text().splitlines()]
+    got = [json.loads(line) for line in (tmp_path / "multi0.jsonl").read_text().splitlines()]
+    assert len(want) == 32 and [r["index"] for r in got] == [r["index"] for r in want]  # 3 batches, the last padded
+    for g, w in zip(got, want):
+        for key in w:
+            np.testing.assert_allclose(g[key], w[key], rtol=1e-5, err_msg=f"row {w['index']} {key}")
+    assert not (tmp_path / "multi1.jsonl").exists() and "wrote" not in outputs[1]
