@@ -56,7 +56,9 @@ def score(config: Any, output: str) -> int:
             examples = data.select(padded)[:]
             length = max(map(len, examples["chosen_input_ids"] + examples["rejected_input_ids"]))
             local = pad_batch(examples, rc.data.bucket_for(length), tokenizer.pad_token_id)
-            batch = {k: jax.device_put(v, sharding) for k, v in local.items() if k != "index"}
+            # Every process holds the same global batch and places only its own shards (no cross-process check).
+            batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                     for k, v in local.items() if k != "index"}
             result = jax.device_get(logps(params, batch))
             for i in range(len(rows)):
                 line = {"index": int(local["index"][i]),

@@ -4,12 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from conftest import multi_device, right_padded_batch, torch_logits
 from simpo_jax.errors import ConfigError
 from simpo_jax.models import splash
 from simpo_jax.models.hf_import import load_hf
-from simpo_jax.sharding import activation_sharding, make_mesh, state_shardings
+from simpo_jax.sharding import activation_sharding, logical_to_spec, make_mesh
 
 LENGTH = 40  # not a multiple of the kernel's 128-lane blocks (padded inside), longer than Mistral's window (7)
 
@@ -45,24 +46,41 @@ def test_splash_matches_transformers_and_the_xla_gradients(hf_dir, variant):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
-def test_splash_masks_the_window_and_padding_exactly():
-    """The kernel call alone, against a numpy softmax with Mistral's window and right padding."""
-    rng = np.random.default_rng(0)
-    b, length, kv, g, h, window = 2, 200, 2, 3, 16, 50
-    q = rng.normal(size=(b, length, kv, g, h)).astype(np.float32)
-    k, v = (rng.normal(size=(b, length, kv, h)).astype(np.float32) for _ in range(2))
-    tokens = np.arange(length)[None] < np.array([[150], [200]])
-    out = np.asarray(splash.splash_attention(q, k, v, jnp.asarray(tokens), h ** -0.5, window, "cpu"))
-    i, j = np.arange(length)[:, None], np.arange(length)[None]
+def _reference(q, k, v, tokens, scale, window):
+    """Masked softmax attention in jnp (float32), Mistral's window and right padding; padding rows uniform."""
+    length = q.shape[1]
+    i, j = jnp.arange(length)[:, None], jnp.arange(length)[None]
     allowed = (j <= i) & (i - j < window) & tokens[:, None, :]
-    s = np.einsum("blkgh,bskh->bkgls", q, k) * h ** -0.5
-    s = np.where(allowed[:, None, None], s, -1e30)  # padding rows: uniform, never compared
-    p = np.exp(s - s.max(-1, keepdims=True))
-    ref = np.einsum("bkgls,bskh->blkgh", p / p.sum(-1, keepdims=True), v)
-    np.testing.assert_allclose(out[tokens], ref[tokens], atol=1e-5)
+    s = jnp.where(allowed[:, None, None], jnp.einsum("blkgh,bskh->bkgls", q, k) * scale, -1e30)
+    return jnp.einsum("bkgls,bskh->blkgh", jax.nn.softmax(s, axis=-1), v)
+
+
+def test_splash_masks_the_window_and_padding_exactly_across_blocks():
+    """The kernel alone, on several kernel blocks (600 tokens pad to 640 = 5 blocks of 128; the window of 200
+    crosses block boundaries), values and gradients against a masked softmax."""
+    rng = np.random.default_rng(0)
+    b, length, kv, g, h, window = 2, 600, 2, 2, 16, 200
+    q = jnp.asarray(rng.normal(size=(b, length, kv, g, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, length, kv, h)), jnp.float32) for _ in range(2))
+    tokens = jnp.asarray(np.arange(length)[None] < np.array([[450], [600]]))
+    weight = jnp.asarray(rng.normal(size=(b, length, kv, g, h)), jnp.float32) * tokens[:, :, None, None, None]
+
+    def loss(attend, q, k, v):
+        out = attend(q, k, v)
+        return jnp.sum(out * weight), out
+
+    ours = jax.value_and_grad(lambda *a: loss(lambda *x: splash.splash_attention(*x, tokens, h ** -0.5, window,
+                                                                                  "cpu"), *a),
+                              argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    ref = jax.value_and_grad(lambda *a: loss(lambda *x: _reference(*x, tokens, h ** -0.5, window), *a),
+                             argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    mask = np.asarray(tokens)
+    np.testing.assert_allclose(np.asarray(ours[0][1])[mask], np.asarray(ref[0][1])[mask], atol=1e-5)
+    for a, r in zip(ours[1], ref[1]):  # gradients through real tokens only (padding rows carry no weight)
+        np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(r)[mask], atol=1e-4)
     # Without the window the result is far off: the comparison sees whether the kernel applied it.
-    unwindowed = np.asarray(splash.splash_attention(q, k, v, jnp.asarray(tokens), h ** -0.5, None, "cpu"))
-    assert np.abs(unwindowed[tokens] - ref[tokens]).max() > 0.1
+    unwindowed = np.asarray(splash.splash_attention(q, k, v, tokens, h ** -0.5, None, "cpu"))
+    assert np.abs(unwindowed[mask] - np.asarray(ref[0][1])[mask]).max() > 0.1
 
 
 def test_splash_on_gpu_is_refused_naming_the_field():
@@ -76,14 +94,36 @@ def test_splash_sharded_over_batch_and_kv_heads_matches_one_device(hf_dir):
     path, _ = hf_dir("llama3")
     ids, mask = right_padded_batch(96, 4, LENGTH)
     single, single_grads = _loss_logits_grads(load_hf(path, dtype="float32"), ids, mask)
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    model = load_hf(path, dtype="float32", attention_impl="splash", mesh=mesh)
-    with activation_sharding(mesh):
-        logits, grads = _loss_logits_grads(model, ids, mask)
-        q = jnp.zeros((4, LENGTH, 2, 2, 16))
-        traced = str(jax.make_jaxpr(splash.splash_attention, static_argnums=(4, 5, 6))(
-            q, q[:, :, :, 0], q[:, :, :, 0], jnp.ones((4, LENGTH), bool), 0.25, None, "cpu"))
-    assert "shard_map" in traced and "('data', 'fsdp')" in traced and "tensor" in traced
-    np.testing.assert_allclose(_tokens(logits, mask), _tokens(single, mask), atol=2e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(single_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+    # (2, 2, 2): batch over data x fsdp, the 2 kv heads over tensor. (1, 2, 4): 4 does not divide 2 kv heads,
+    # so the kernel's heads are replicated over tensor (its cotangents summed back by shard_map).
+    for shape, heads in (({"data": 2, "fsdp": 2, "tensor": 2}, "tensor"), ({"fsdp": 2, "tensor": 4}, None)):
+        mesh = make_mesh(shape)
+        model = load_hf(path, dtype="float32", attention_impl="splash", mesh=mesh)
+        with activation_sharding(mesh):
+            logits, grads = _loss_logits_grads(model, ids, mask)
+            q = jnp.zeros((4, LENGTH, 2, 2, 16))
+            traced = str(jax.make_jaxpr(splash.splash_attention, static_argnums=(4, 5, 6))(
+                q, q[:, :, :, 0], q[:, :, :, 0], jnp.ones((4, LENGTH), bool), 0.25, None, "cpu"))
+        assert "shard_map" in traced
+        assert logical_to_spec(splash.QKV_AXES, (4, 2, 2, 128, 16), mesh) == P(("data", "fsdp"), heads, None, None,
+                                                                               None)
+        np.testing.assert_allclose(_tokens(logits, mask), _tokens(single, mask), atol=2e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(single_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+def test_train_with_micro_batches_and_eval_matches_the_xla_run(tmp_path):
+    """The whole train command: micro-batches (a shape trace, then the scan), eval at the same shapes, and a
+    second bucket retrace the model; every logged metric equals the XLA-attention run's."""
+    from test_train import _metrics, _train
+
+    runs = {}
+    for impl in ("xla", "splash"):
+        _train(tmp_path / impl, f"--config.model.attention_impl={impl}", "--config.step.micro_batches=2",
+               "--config.train.max_steps=4", "--config.train.eval_every=2", "--config.checkpoint.every=0")
+        runs[impl] = _metrics(tmp_path / impl)
+    assert len(runs["splash"]) == len(runs["xla"]) >= 4 and any("eval_loss" in m for m in runs["splash"])
+    for got, want in zip(runs["splash"], runs["xla"]):
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=f"step {want['step']} {key}")

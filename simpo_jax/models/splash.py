@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from simpo_jax.errors import check
+from simpo_jax.errors import ConfigError, check
 from simpo_jax.sharding import active_mesh_and_rules, logical_to_spec
 
 LANES = 128  # the kernel's block sizes are multiples of this; sequences are padded up to one
@@ -32,12 +32,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array
     q = jnp.pad(jnp.moveaxis(q * jnp.asarray(scale, q.dtype), 1, 3), ((0, 0),) * 3 + (extra, (0, 0)))
     k, v = (jnp.pad(jnp.moveaxis(t, 1, 2), ((0, 0),) * 2 + (extra, (0, 0))) for t in (k, v))
     segments = jnp.pad(tokens.astype(jnp.int32), ((0, 0), extra))  # q [b, kv, g, L, h], k/v [b, kv, L, h]
-    kernel = _kernel(padded, q.shape[2], sliding_window, platform != "tpu")
+    kernel, segment_ids = _kernel(padded, q.shape[2], sliding_window, platform != "tpu"), _modules()[0].SegmentIds
 
     def attend(q, k, v, segments):
         def one(q, k, v, s):
-            from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-            return kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))
+            return kernel(q, k, v, segment_ids=segment_ids(q=s, kv=s))
         return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q, k, v, segments)
 
     active = active_mesh_and_rules()
@@ -51,12 +50,25 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array
     return jnp.moveaxis(out, 3, 1)
 
 
+def _modules():
+    """JAX's splash-attention kernel and mask modules (experimental: a JAX release may move them)."""
+    try:
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    except ImportError as e:
+        raise ConfigError(f"model config field 'attention_impl': 'splash' needs JAX's splash-attention kernel, "
+                          f"which this JAX ({jax.__version__}) lacks ({e}); use 'xla'") from e
+    return sk, sm
+
+
 @functools.lru_cache(maxsize=32)
 def _kernel(length: int, groups: int, sliding_window: int | None, interpret: bool):
-    """A multi-query splash kernel for one kv head's `groups` query heads (built once per shape)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    """A multi-query splash kernel for one kv head's `groups` query heads (built once per shape).
 
+    Built under `ensure_compile_time_eval`: the kernel holds its block-mask tables as arrays, and built inside
+    a trace they would be that trace's tracers, which the cache would hand to the next trace (a crash at run
+    time, after compiling fine)."""
+    sk, sm = _modules()
     shape = (length, length)
     if sliding_window is not None and sliding_window < length:
         one = sm.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
@@ -65,5 +77,8 @@ def _kernel(length: int, groups: int, sliding_window: int | None, interpret: boo
     block = max(b for b in (512, 256, LANES) if length % b == 0)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * groups), block_sizes=sizes,
-                                            interpret=interpret)
+    with jax.ensure_compile_time_eval():
+        kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * groups), block_sizes=sizes,
+                                                  interpret=interpret)
+    assert not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(kernel)), "splash kernel holds tracers"
+    return kernel
