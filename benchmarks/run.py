@@ -142,7 +142,8 @@ def report(res: dict, size: Size, command: str) -> str:
            "1.0, no gradient checkpointing, SDPA attention), timed from `on_step_begin` to `on_step_end`. "
            "simpo_jax: `make_steps` train step (AdamW, clipping 1.0), no remat, log-prob chunks of "
            f"{LOGPROB_CHUNK} positions (the default, which recomputes the head's logits in the backward), or full "
-           "logits kept for the backward as TRL does (`step.logprob_chunk_len=0`). Both start from the same weights and see the same token ids (a one-word-per-token "
+           "logits kept for the backward as TRL does (`step.logprob_chunk_len=0`). Both start from the same weights "
+           "and see the same token ids (a one-word-per-token "
            "tokenizer; TRL's tokenized batch is checked against ours), so the first-step losses agree.", "",
            f"Model FLOPs per step: (6 N + 12 · layers · heads · head_dim · length) · tokens (PaLM's formula; "
            f"N = {_fmt_m(size)} matmul weights incl. the LM head, attention counted non-causal, recomputation not "

@@ -1,5 +1,6 @@
 """SimPO, Llama-3-70B-Instruct: not a paper setting; the 8B-Instruct recipe (data, beta 2.5, gamma/beta 0.55) as
-a starting point, with a lower learning rate for the larger model. Slices: v5p-128, v6e-64 (tight), v6e-128 (pods.py)."""
+a starting point, with a lower learning rate for the larger model. Slices: v5p-128, v6e-64 (tight), v6e-128
+(pods.py)."""
 import os
 import sys
 
