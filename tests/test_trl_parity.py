@@ -1,5 +1,8 @@
 """SimPO in simpo_jax against TRL's CPOTrainer(loss_type="simpo", cpo_alpha=0) on the same model and batch."""
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,11 @@ from simpo_jax.sharding import make_mesh
 from simpo_jax.step import StepConfig, init_train_state, make_steps, pair_logps
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-trl_cpo = pytest.importorskip("trl.experimental.cpo")
+try:  # TRL is a test dependency: a missing or moved module fails the suite instead of skipping the parity tests
+    import trl.experimental.cpo as trl_cpo
+except ImportError as e:
+    raise ImportError(f"tests/test_trl_parity.py needs TRL's CPOTrainer from trl.experimental.cpo ({e}); install "
+                      "the test extras (pip install -e .[test]) or, if TRL moved the module, update this import") from e
 
 BETA, GAMMA = 2.5, 1.375  # gamma / beta = 0.55, the Llama-3-8B-Instruct setting
 SHARED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -101,3 +108,13 @@ def test_simpo_matches_trl_cpo_trainer(tmp_path, fixed_lengths):
                                atol=1e-6)
     q_grad = HEADS_IN.to_hf(np.asarray(grads["layers"]["self_attn"]["q_proj"][...][1]))
     np.testing.assert_allclose(q_grad, torch_model.model.layers[1].self_attn.q_proj.weight.grad.numpy(), atol=1e-6)
+
+
+def test_a_missing_trl_module_fails_collection_instead_of_skipping():
+    """With trl.experimental.cpo unimportable (as if TRL moved it), this file errors with the message."""
+    block = ("import sys, pytest; sys.modules['trl.experimental.cpo'] = None; "
+             f"sys.exit(pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', {__file__!r}]))")
+    proc = subprocess.run([sys.executable, "-c", block], cwd=pathlib.Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, proc.stdout[-3000:]  # a collection error
+    assert "needs TRL's CPOTrainer from trl.experimental.cpo" in proc.stdout and "skipped" not in proc.stdout
