@@ -1,4 +1,4 @@
-"""Sweeps: a 2 x 2 grid interrupted and resumed, the report, failed runs, malformed axes, printed commands."""
+"""Sweeps: a 2 x 2 grid killed and rerun, SIGTERM then resume, the report, failed runs, malformed axes, commands."""
 import csv
 import json
 import os
@@ -32,8 +32,8 @@ def env(tmp_path_factory):
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")))
 
 
-def _sweep_cmd(out, *axes):
-    return [sys.executable, "-m", "simpo_jax.sweep", "--config", TINY, *axes, "--out", str(out), *OVERRIDES]
+def _sweep_cmd(out, *axes, overrides=OVERRIDES):
+    return [sys.executable, "-m", "simpo_jax.sweep", "--config", TINY, *axes, "--out", str(out), *overrides]
 
 
 def _wait_for(path, proc, timeout=300):
@@ -113,6 +113,76 @@ def test_interrupted_grid_reruns_only_the_remaining_runs_then_reports(tmp_path, 
             assert image.width > 300 and image.height > 200
             low, high = image.convert("L").getextrema()
             assert high - low > 100, f"{png} is blank"
+
+
+def _children(pid: int) -> list[int]:
+    """The ids of the live processes whose parent is `pid` (from /proc)."""
+    kids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def _without_timing(path) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "tokens_per_second"} for m in _lines(path)]
+
+
+def test_sigterm_to_the_sweep_checkpoints_the_running_training_and_the_rerun_resumes_it(tmp_path, env):
+    """SIGTERM to the sweep: the training saves its step and ends, the sweep exits 143; a rerun resumes it."""
+    out = tmp_path / "sweep"
+    # 200 steps (a few seconds) so that SIGTERM lands mid-run; no periodic checkpoints, so the only one before
+    # the end is the one SIGTERM makes. checkpoint.keep does not change training: the second grid point is an
+    # uninterrupted run of the same training, to compare the resumed one with.
+    overrides = [a for a in OVERRIDES if not a.startswith(("--config.train.max_steps=", "--config.train.eval_every=",
+                                                           "--config.checkpoint.every="))]
+    overrides += ["--config.train.max_steps=200", "--config.train.eval_every=0", "--config.checkpoint.every=0"]
+    cmd = _sweep_cmd(out, "--sweep", "checkpoint.keep=2,3", overrides=overrides)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        metrics = out / "keep=2" / "metrics.jsonl"
+        _wait_for(metrics, proc)
+        while len(metrics.read_text().splitlines()) < 2:  # the training is past step 1
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.02)
+        [child] = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # the sweep only, not its process group
+        first = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, first
+    assert "keep=2: running" in first and "stopped by SIGTERM (the run saved a checkpoint)" in first, first
+    assert "keep=3" not in first and not (out / "keep=3").exists()  # the sweep stopped: no next run
+    assert not pathlib.Path(f"/proc/{child}").exists()  # the training ended (and was reaped), not orphaned
+    log = (out / "keep=2" / "train.log").read_text()
+    saved = int(re.search(r"SIGTERM: saved the checkpoint of step (\d+); exiting", log).group(1))
+    steps = [m["step"] for m in _lines(metrics)]
+    assert 2 <= saved < 200 and steps == list(range(1, saved + 1)), (saved, steps)
+    checkpoints = sorted(int(p.name) for p in (out / "keep=2" / "checkpoints").iterdir() if p.name.isdigit())
+    assert checkpoints == [saved]  # saved at the step it was at (no periodic checkpoints were due)
+    assert not (out / "keep=2" / "summary.json").exists()
+    interrupted = metrics.read_bytes()
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[1/2] keep=2: running" in again.stdout and "[2/2] keep=3: running" in again.stdout
+    assert "sweep done: 2 ran, 0 skipped (finished earlier), 0 failed" in again.stdout
+    log = (out / "keep=2" / "train.log").read_text()
+    assert log.count("resumed from the checkpoint of step") == 1
+    assert f"resumed from the checkpoint of step {saved}\n" in log
+    # Steps 1..saved were not run again: their lines (wall-clock tokens_per_second included) are untouched.
+    assert metrics.read_bytes().startswith(interrupted)
+    assert [m["step"] for m in _lines(metrics)] == list(range(1, 201)) + [200]  # the last: held-out metrics
+    # The resumed run ends where the uninterrupted one does: every metric of every step, exactly.
+    assert _without_timing(metrics) == _without_timing(out / "keep=3" / "metrics.jsonl")
+    final = [json.loads((out / n / "summary.json").read_text())["final"] for n in ("keep=2", "keep=3")]
+    assert final[0] == final[1] and "eval_loss" in final[0]
 
 
 def test_a_failed_run_is_reported_and_the_others_still_run(tmp_path, env):
