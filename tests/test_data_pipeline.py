@@ -45,12 +45,20 @@ def test_real_hh_rlhf_file_loads_through_the_implicit_prompt_format(capsys):
     cfg = DataConfig(path=str(HH_FILE), max_length=2048, max_prompt_length=1800)  # the paper's limits
     train, held_out = load_train_eval(cfg)
     assert held_out is None and len(train) == 2312
+    capsys.readouterr()
     tokenized, skipped = tokenize_dataset(train, cfg, llama3_tokenizer())
-    report = f"HH-RLHF harmless-base test: {len(tokenized)} kept, skipped by reason: {dict(skipped)}"
-    with capsys.disabled():
-        print("\n" + report)
-    assert len(tokenized) + sum(skipped.values()) == 2312 and len(tokenized) > 2200
-    assert set(skipped) <= {"identical_responses", "empty_response", "no_shared_prompt", "prompt_exceeds_max_length"}
+    summary = capsys.readouterr().out
+    # The README's counts: 4 empty responses skipped; 15 prompts cut, 7 of which alone exceed max_length (the
+    # official rule: cut to their last 1800 tokens and trained on).
+    assert len(tokenized) == 2308 and dict(skipped) == {"empty_response": 4}, (len(tokenized), skipped)
+    assert "train: 2308 pairs kept, 4 skipped (row formats: implicit_prompt 2312)" in summary
+    assert "15 prompts to their last 1800 tokens (7 of them alone >= max_length 2048" in summary
+    assert "27 response pairs to 248 tokens" in summary
+    overlong = [r for r in tokenized if r["chosen_prompt_len"] == 1800]
+    assert len(overlong) == 15 and all(len(r["chosen_input_ids"]) <= 2048 for r in overlong)
+    skipping, skipped = tokenize_dataset(train, DataConfig(**{**cfg.__dict__, "overlong_prompts": "skip"}),
+                                         llama3_tokenizer())
+    assert len(skipping) == 2301 and dict(skipped) == {"empty_response": 4, "prompt_exceeds_max_length": 7}
     row = tokenized[0]
     text = llama3_tokenizer().decode(row["chosen_input_ids"][:row["chosen_prompt_len"]])
     assert text.startswith("<|begin_of_text|>\n\nHuman:") and text.endswith("Assistant:")
@@ -67,7 +75,14 @@ BAD_ROWS = [
      "identical_responses"),
     ({"prompt": "x", "chosen": [_user("the quick brown fox " * 30), _bot("a")],
       "rejected": [_user("the quick brown fox " * 30), _bot("b")]}, "prompt_exceeds_max_length"),
+    ({"chosen": [_bot("a")], "rejected": [_bot("b")]}, "no_prompt_turns"),  # only the answers, no string prompt
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: ho\n\nAssistant: b"}, "no_shared_prompt"),
+    ({"prompt": [_user("x"), {"role": "tool", "content": "y"}], "chosen": [_bot("a")], "rejected": [_bot("b")]},
+     "template_error"),
 ]
+# A template that refuses tool turns, as many real ones do (raise_exception).
+STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+                   "{% endif %}{{ m['role'] + ': ' + m['content'] + '<|eot_id|>' }}{% endfor %}")
 
 
 def _with_bad(bad_row):
@@ -76,14 +91,23 @@ def _with_bad(bad_row):
     return rows
 
 
+def _as_file(tmp_path, rows) -> Dataset:
+    """Rows through a JSON-lines file, as a user's mixed file arrives (columns of mixed types included)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_train_eval(DataConfig(path=str(path)))[0]
+
+
 @pytest.mark.parametrize("bad_row,reason", BAD_ROWS, ids=[r for _, r in BAD_ROWS])
-def test_bad_rows_are_counted_by_default_and_raise_in_strict_mode(bad_row, reason):
-    cfg = DataConfig(max_length=64, max_prompt_length=32, format="prompt_messages")
-    tokenized, skipped = tokenize_dataset(Dataset.from_list(_with_bad(bad_row)), cfg, llama3_tokenizer())
+def test_bad_rows_are_counted_by_default_and_raise_in_strict_mode(tmp_path, bad_row, reason):
+    """Each bad row among good ones, the format decided per row (so the file mixes shapes), is one counted skip."""
+    cfg = DataConfig(max_length=64, max_prompt_length=32, overlong_prompts="skip",
+                     chat_template=STRICT_TEMPLATE if reason == "template_error" else None)
+    data = _as_file(tmp_path, [{k: v for k, v in r.items() if v is not None} for r in _with_bad(bad_row)])
+    tokenized, skipped = tokenize_dataset(data, cfg, llama3_tokenizer())
     assert dict(skipped) == {reason: 1} and len(tokenized) == 4 and 2 not in tokenized["index"]
     with pytest.raises(DataError, match=f"train row 2: {reason}"):
-        tokenize_dataset(Dataset.from_list(_with_bad(bad_row)), DataConfig(**{**cfg.__dict__, "strict": True}),
-                         llama3_tokenizer())
+        tokenize_dataset(data, DataConfig(**{**cfg.__dict__, "strict": True}), llama3_tokenizer())
 
 
 def test_response_empty_after_truncation_never_reaches_the_loss():

@@ -88,8 +88,10 @@ def _text(rng, tok, tokens):
 def _rows(kind, tok, seed=0):
     rng = np.random.default_rng(seed)
     # Content tokens (prompt, chosen, rejected) with max_length 64 / max_prompt_length 32 (templates add
-    # about 8-12 tokens to a prompt and a response): fits / prompt cut only / answers cut / both cut.
-    shapes = [(8, 6, 10), (4, 3, 2), (40, 12, 8), (38, 6, 14), (6, 50, 10), (5, 8, 48), (40, 40, 30), (2, 2, 3)]
+    # about 8-12 tokens to a prompt and a response): fits / prompt cut only / answers cut / both cut / a prompt
+    # that alone exceeds max_length (officially cut to its last or first 32 tokens and trained on).
+    shapes = [(8, 6, 10), (4, 3, 2), (40, 12, 8), (38, 6, 14), (6, 50, 10), (5, 8, 48), (40, 40, 30), (2, 2, 3),
+              (70, 6, 8)]
     rows = []
     for i, (p, c, r) in enumerate(shapes * 2):
         if kind == "conversational":

@@ -7,6 +7,7 @@ import dataclasses
 from simpo_jax.errors import check
 
 FORMATS = ("auto", "prompt_messages", "conversational", "strings", "implicit_prompt")
+OVERLONG_PROMPTS = ("truncate", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,9 @@ class DataConfig:
     max_length: int = 2048
     max_prompt_length: int = 1800
     truncation_mode: str = "keep_end"  # keep_end | keep_start
+    # A prompt that alone has >= max_length tokens: "truncate" it to max_prompt_length (the official rule) or "skip"
+    # the row (counted as prompt_exceeds_max_length).
+    overlong_prompts: str = "truncate"
     auto_insert_empty_system_msg: bool = True
     # Batching.
     bucket_lengths: tuple[int, ...] | None = None  # None: powers of two from 64 up to max_length
@@ -47,8 +51,10 @@ class DataConfig:
               f"must be in (0, max_length={self.max_length}], got {self.max_prompt_length}")
         check(self.truncation_mode in ("keep_end", "keep_start"), "data", "truncation_mode",
               f"{self.truncation_mode!r} is not keep_end or keep_start")
+        check(self.overlong_prompts in OVERLONG_PROMPTS, "data", "overlong_prompts",
+              f"{self.overlong_prompts!r} is not one of {', '.join(OVERLONG_PROMPTS)}")
         check(0.0 <= self.eval_fraction < 1.0, "data", "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        if self.bucket_lengths is not None:
+        if self.bucket_lengths is not None and not self.pad_to_max_length:  # unused when padding to max_length
             check(len(self.bucket_lengths) > 0 and all(b > 0 for b in self.bucket_lengths), "data", "bucket_lengths",
                   "must be positive lengths")
             check(max(self.bucket_lengths) >= self.max_length, "data", "bucket_lengths",
@@ -64,7 +70,7 @@ class DataConfig:
         """Padded lengths a batch can take (sorted); one when `pad_to_max_length`."""
         if self.pad_to_max_length:
             return (self.max_length,)
-        if self.bucket_lengths is not None:
+        if self.bucket_lengths is not None and not self.pad_to_max_length:  # unused when padding to max_length
             return tuple(sorted(self.bucket_lengths))
         sizes, size = [], 64
         while size < self.max_length:

@@ -7,10 +7,14 @@
 4. `implicit_prompt`: `chosen`/`rejected` whole transcripts sharing a prefix (Anthropic HH-RLHF); split after
    the last `\\n\\nAssistant:` they share.
 Messages are rendered with the chat template exactly as the official `apply_chat_template(task="simpo")`.
+With `format="auto"` the format is decided per row, as the official trainer does, so a file may mix them; a
+`prompt_messages` row whose `chosen` holds only the answer takes its string `prompt` as the user turn.
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
+
+import jinja2
 
 from simpo_jax.data.config import DataConfig
 
@@ -97,7 +101,12 @@ def split_implicit_prompt(chosen: str, rejected: str) -> TextPair:
 
 
 def _render(tokenizer: Any, messages: list[dict], template: str | None) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+    """The chat template applied to `messages`; a template that refuses them is a RowError, not a crash."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise RowError("template_error", f"the chat template cannot render {[m['role'] for m in messages]}: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def _strip_bos(text: str, bos: str | None) -> str:
@@ -125,6 +134,12 @@ def row_to_text(row: dict, fmt: str, cfg: DataConfig, tokenizer: Any, template: 
         chosen_messages, rejected_messages = chosen, rejected
     else:
         prompt_messages, chosen_messages, rejected_messages = list(chosen[:-1]), chosen[-1:], rejected[-1:]
+        if not prompt_messages:  # only the answer turn: the string prompt is the user turn (officially a crash)
+            prompt = row.get(cfg.prompt_column)
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RowError("no_prompt_turns", f"{cfg.chosen_column!r} holds only the answer and "
+                               f"{cfg.prompt_column!r} is not a non-empty string")
+            prompt_messages = [{"role": "user", "content": prompt}]
     for name, msgs in ((cfg.chosen_column, chosen_messages), (cfg.rejected_column, rejected_messages)):
         if msgs[-1]["role"] != "assistant":
             raise RowError("last_not_assistant", f"the last {name!r} message is from {msgs[-1]['role']!r}")

@@ -7,21 +7,27 @@ table is logged; with `strict=True` the first one raises DataError naming its ro
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
+import inspect
 import logging
-from typing import Any
+import sys
+from typing import Any, NamedTuple
 
 import datasets
 
 from simpo_jax.data.config import DataConfig
 from simpo_jax.data.formats import MISTRAL_TEMPLATE, RowError, detect_format, row_to_text
-from simpo_jax.data.tokenization import tokenize_pair, tokenize_texts
+from simpo_jax.data.tokenization import PROMPT_CUT, PROMPT_OVERLONG, RESPONSES_CUT, tokenize_pair, tokenize_texts
+from simpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 COLUMNS = ("index", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids", "rejected_prompt_len", "length",
            "skip_reason")
+REPORT_COLUMNS = ("skip_detail", "format", "truncated")  # counted in the summary, then dropped
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad row in strict mode, or a dataset with no usable rows."""
 
 
@@ -47,19 +53,32 @@ def resolve_template(cfg: DataConfig) -> str | None:
     return cfg.chat_template
 
 
-def _tokenize_batch(rows: dict, indices: list[int], cfg: DataConfig, fmt: str, tokenizer: Any,
-                    template: str | None) -> dict:
+@functools.lru_cache(maxsize=1)
+def rules_fingerprint() -> str:
+    """A hash of this package's data code: part of the tokenization cache key, so a code change re-tokenizes."""
+    from simpo_jax.data import config, formats, tokenization
+
+    digest = hashlib.sha256()
+    for module in (config, formats, tokenization, sys.modules[__name__]):
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:16]
+
+
+def _tokenize_batch(rows: dict, indices: list[int], cfg: DataConfig, tokenizer: Any, template: str | None,
+                    rules: str) -> dict:
+    del rules  # only a cache key
     n = len(indices)
-    out: dict[str, list] = {k: [] for k in COLUMNS}
+    out: dict[str, list] = {k: [] for k in COLUMNS + REPORT_COLUMNS}
     texts, positions = [], []
-    reasons = [""] * n
+    reasons, details, formats = [""] * n, [""] * n, [""] * n
     for i in range(n):
         row = {k: v[i] for k, v in rows.items()}
-        try:
-            texts.append(row_to_text(row, fmt, cfg, tokenizer, template))
+        try:  # the format is decided per row (as officially), so one file may mix them
+            formats[i] = detect_format(row, cfg) if cfg.format == "auto" else cfg.format
+            texts.append(row_to_text(row, formats[i], cfg, tokenizer, template))
             positions.append(i)
         except RowError as e:
-            reasons[i] = e.reason
+            reasons[i], details[i] = e.reason, str(e)
     token_ids = dict(zip(positions, tokenize_texts(tokenizer, texts)))
     for i in range(n):
         pair = None
@@ -67,9 +86,12 @@ def _tokenize_batch(rows: dict, indices: list[int], cfg: DataConfig, fmt: str, t
             try:
                 pair = tokenize_pair(*token_ids[i], tokenizer.bos_token_id, tokenizer.eos_token_id, cfg)
             except RowError as e:
-                reasons[i] = e.reason
+                reasons[i], details[i] = e.reason, str(e)
         out["index"].append(indices[i])
         out["skip_reason"].append(reasons[i])
+        out["skip_detail"].append(details[i])
+        out["format"].append(formats[i])
+        out["truncated"].append(pair.truncated if pair else 0)
         out["chosen_input_ids"].append(pair.chosen_ids if pair else [])
         out["chosen_prompt_len"].append(pair.chosen_prompt_len if pair else 0)
         out["rejected_input_ids"].append(pair.rejected_ids if pair else [])
@@ -78,42 +100,66 @@ def _tokenize_batch(rows: dict, indices: list[int], cfg: DataConfig, fmt: str, t
     return out
 
 
+class DataSummary(NamedTuple):
+    """What tokenization kept, skipped (by reason), cut, and which row formats it found."""
+
+    kept: int
+    skipped: collections.Counter
+    formats: collections.Counter
+    prompts_cut: int
+    overlong_prompts: int  # of prompts_cut: prompts that alone had >= max_length tokens
+    responses_cut: int
+
+
 def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any, name: str = "train",
                      verbose: bool = True) -> tuple[datasets.Dataset, collections.Counter]:
     """Tokenized, filtered dataset (columns COLUMNS but `skip_reason`) and the count of skipped rows by reason.
 
-    With `verbose`, the summary table of kept and skipped rows is printed (call with False on all but one
-    process of a multi-host run)."""
+    With `verbose`, the summary table of kept, skipped and truncated rows is printed (call with False on all but
+    one process of a multi-host run)."""
     cfg.validate()
     if len(raw) == 0:
         raise DataError(f"{name} split is empty")
-    fmt = detect_format(raw[0], cfg) if cfg.format == "auto" else cfg.format
     features = datasets.Features({
         "index": datasets.Value("int64"), "chosen_input_ids": datasets.Sequence(datasets.Value("int32")),
         "chosen_prompt_len": datasets.Value("int32"), "rejected_input_ids": datasets.Sequence(datasets.Value("int32")),
         "rejected_prompt_len": datasets.Value("int32"), "length": datasets.Value("int32"),
-        "skip_reason": datasets.Value("string")})
-    tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256, with_indices=True, remove_columns=raw.column_names,
-                        features=features, num_proc=cfg.num_proc, desc=f"Tokenizing {name} pairs ({fmt})",
-                        fn_kwargs=dict(cfg=cfg, fmt=fmt, tokenizer=tokenizer, template=resolve_template(cfg)))
+        "skip_reason": datasets.Value("string"), "skip_detail": datasets.Value("string"),
+        "format": datasets.Value("string"), "truncated": datasets.Value("int8")})
+    tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256, with_indices=True,
+                        remove_columns=raw.column_names, features=features, num_proc=cfg.num_proc,
+                        desc=f"Tokenizing {name} pairs ({cfg.format})",
+                        fn_kwargs=dict(cfg=cfg, tokenizer=tokenizer, template=resolve_template(cfg),
+                                       rules=rules_fingerprint()))
     reasons = tokenized["skip_reason"]
     skipped = collections.Counter(r for r in reasons if r)
     if skipped and cfg.strict:
         first = next(i for i, r in enumerate(reasons) if r)
-        raise DataError(f"{name} row {tokenized[first]['index']}: {reasons[first]} (strict mode; set "
-                        "data.strict=False to skip and count bad rows)")
+        raise DataError(f"{name} row {tokenized[first]['index']}: {tokenized[first]['skip_detail']} (strict mode; "
+                        "set data.strict=False to skip and count bad rows)")
     kept = tokenized.filter(lambda r: not r, input_columns="skip_reason", desc=f"Dropping bad {name} rows")
-    summary = skip_summary(name, len(kept), skipped)
-    log.info("%s", summary)
+    truncated = kept["truncated"]
+    summary = DataSummary(len(kept), skipped, collections.Counter(f for f in tokenized["format"] if f),
+                          *(sum(1 for t in truncated if t & bit)
+                            for bit in (PROMPT_CUT, PROMPT_OVERLONG, RESPONSES_CUT)))
+    text = skip_summary(name, summary, cfg)
+    log.info("%s", text)
     if verbose:
-        print(summary, flush=True)
+        print(text, flush=True)
     if len(kept) == 0:
         raise DataError(f"{name} split has no usable rows: {dict(skipped)}")
-    return kept.remove_columns("skip_reason"), skipped
+    return kept.remove_columns(list(REPORT_COLUMNS)), skipped
 
 
-def skip_summary(name: str, kept: int, skipped: collections.Counter) -> str:
-    """A small table: rows kept, and rows skipped by reason."""
-    lines = [f"{name}: {kept} pairs kept, {sum(skipped.values())} skipped", f"  {'reason':<28}rows"]
-    lines += [f"  {reason:<28}{count}" for reason, count in skipped.most_common()]
+def skip_summary(name: str, summary: DataSummary, cfg: DataConfig) -> str:
+    """A small table: rows kept (by format), skipped by reason, and kept rows whose prompt or answers were cut."""
+    formats = ", ".join(f"{f} {n}" for f, n in summary.formats.most_common())
+    lines = [f"{name}: {summary.kept} pairs kept, {sum(summary.skipped.values())} skipped (row formats: {formats})",
+             f"  {'skipped: reason':<28}rows"]
+    lines += [f"  {reason:<28}{count}" for reason, count in summary.skipped.most_common()]
+    side = "last" if cfg.truncation_mode == "keep_end" else "first"
+    lines.append(f"  kept but truncated: {summary.prompts_cut} prompts to their {side} {cfg.max_prompt_length} tokens "
+                 f"({summary.overlong_prompts} of them alone >= max_length {cfg.max_length}; data.overlong_prompts="
+                 f"{cfg.overlong_prompts}), {summary.responses_cut} response pairs to "
+                 f"{cfg.max_length - cfg.max_prompt_length} tokens")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 Each answer is tokenized together with the prompt and split after the prompt's own tokens (one token
 earlier when a token merged across the boundary); BOS is prepended unless present, EOS appended unless
 present; when prompt + longer answer exceed `max_length` the prompt is cut to `max_prompt_length`
-(keep_end / keep_start), then both answers to `max_length - max_prompt_length`. Labels mask the prompt.
+(keep_end / keep_start), then both answers to `max_length - max_prompt_length` (also when the prompt alone
+fills `max_length`, as officially; `overlong_prompts="skip"` drops such rows instead). Labels mask the prompt.
 Rows the official code would crash on or train into NaN raise RowError instead.
 """
 from __future__ import annotations
@@ -14,13 +15,17 @@ from simpo_jax.data.config import DataConfig
 from simpo_jax.data.formats import RowError, TextPair
 
 
+PROMPT_CUT, RESPONSES_CUT, PROMPT_OVERLONG = 1, 2, 4  # bits of TokenizedPair.truncated
+
+
 class TokenizedPair(NamedTuple):
-    """Full token ids of prompt + answer, and how many leading tokens are prompt (label-masked)."""
+    """Full token ids of prompt + answer, how many leading tokens are prompt (label-masked), what was cut."""
 
     chosen_ids: list[int]
     chosen_prompt_len: int
     rejected_ids: list[int]
     rejected_prompt_len: int
+    truncated: int = 0  # PROMPT_CUT | RESPONSES_CUT | PROMPT_OVERLONG (the prompt alone filled max_length)
 
 
 def _split(prompt_ids: list[int], full_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -56,13 +61,17 @@ def tokenize_pair(prompt_ids: list[int], chosen_full: list[int], rejected_full: 
     (cp, ca), (rp, ra) = parts
     if abs(len(cp) - len(rp)) > 1 or sum(a != b for a, b in zip(cp, rp)) > 1:
         raise RowError("prompt_mismatch", "chosen and rejected prompts tokenize differently")
-    if min(len(cp), len(rp)) >= cfg.max_length:
+    overlong = min(len(cp), len(rp)) >= cfg.max_length
+    if overlong and cfg.overlong_prompts == "skip":
         raise RowError("prompt_exceeds_max_length", f"the prompt alone has {len(cp)} >= {cfg.max_length} tokens")
     longer = max(len(ca), len(ra))
+    before = (len(cp), len(ca), len(ra))
     (cp, ca), (rp, ra) = _truncate(cp, ca, longer, cfg), _truncate(rp, ra, longer, cfg)
     if not ca or not ra:
         raise RowError("empty_after_truncation", "a response has no tokens left after truncation")
-    return TokenizedPair(cp + ca, len(cp), rp + ra, len(rp))
+    truncated = ((PROMPT_CUT if len(cp) < before[0] else 0) | (PROMPT_OVERLONG if overlong else 0)
+                 | (RESPONSES_CUT if (len(ca), len(ra)) != before[1:] else 0))
+    return TokenizedPair(cp + ca, len(cp), rp + ra, len(rp), truncated)
 
 
 def tokenize_texts(tokenizer: Any, pairs: list[TextPair]) -> list[tuple[list[int], list[int], list[int]]]:
