@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config, model_config
-from simpo_jax.errors import ConfigError
 from simpo_jax.flops import train_step_flops
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.decoder import abstract_decoder
@@ -173,6 +172,8 @@ def _shard_bytes(tree: Any) -> int:
 def main() -> None:
     """The command line."""
     from absl import app, flags
+
+    from simpo_jax.cli import run_command
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", None, "A configs/<setting>.py[:<slice>] file.",
@@ -189,18 +190,14 @@ def main() -> None:
         name = topology.value or config.value.mesh.get("slice", "")
         if not name:
             raise app.UsageError("--topology is required (the config names no mesh.slice)")
-        try:
-            report = check_fit(config.value, parse_slice(name, num_slices.value))
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        report = check_fit(config.value, parse_slice(name, num_slices.value))
         print(report.render(), flush=True)
         if markdown.value:
             print(report.markdown_row(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))),
                   flush=True)
         sys.exit(0 if report.fits else 1)
 
-    app.run(_main)
+    run_command(_main)
 
 
 if __name__ == "__main__":

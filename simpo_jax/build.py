@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, model_config
 from simpo_jax.data import load_tokenizer, load_train_eval, tokenize_dataset
 from simpo_jax.data.builtin import builtin_dataset
-from simpo_jax.errors import check
+from simpo_jax.errors import ConfigError, check
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.hf_import import load_hf, read_hf_config, resolve_model_dir
 from simpo_jax.step import random_params
@@ -22,8 +22,9 @@ def tokenizer_dir(rc: RunConfig) -> str:
     extras = rc.run["data_extras"]
     if extras.get("builtin"):
         return os.path.join(rc.run["train"]["output_dir"], "tokenizer")
+    field = "data.tokenizer_path" if extras.get("tokenizer_path") else "model.hf_path"
     path = extras.get("tokenizer_path") or rc.model.get("hf_path", "")
-    return resolve_model_dir(path) if path else path
+    return resolve_model_dir(path, field) if path else path
 
 
 def load_data(rc: RunConfig, verbose: bool) -> tuple[Any, Any, Any]:
@@ -36,7 +37,12 @@ def load_data(rc: RunConfig, verbose: bool) -> tuple[Any, Any, Any]:
     else:
         path = tokenizer_dir(rc)
         check(bool(path), "data", "tokenizer_path", "set data.tokenizer_path or model.hf_path")
-        tokenizer = load_tokenizer(path)
+        try:
+            tokenizer = load_tokenizer(path)
+        except (OSError, ValueError) as e:  # no tokenizer files there, or files transformers cannot read
+            field = "data config field 'tokenizer_path'" if extras.get("tokenizer_path") else \
+                "model config field 'hf_path'"
+            raise ConfigError(f"{field}: no usable tokenizer in {path} ({str(e).splitlines()[0]})") from e
         train, held_out = load_train_eval(rc.data)
     train, _ = tokenize_dataset(train, rc.data, tokenizer, "train", verbose)
     if held_out is not None:
@@ -84,6 +90,7 @@ def load_reference(rc: RunConfig, mesh: Mesh, cfg: ModelConfig) -> Any | None:
     path = rc.run["reference"].get("hf_path")
     if not path:
         return None
+    path = resolve_model_dir(path, "reference.hf_path")
     ref_cfg = read_hf_config(path)
     check(ref_cfg.vocab_size == cfg.vocab_size, "reference", "hf_path", "vocabulary differs from the policy's")
     runtime = {k: getattr(cfg, k) for k in MODEL_RUNTIME}

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from simpo_jax import _host_has_tpu
+from simpo_jax import host_has_tpu
 from simpo_jax.errors import check
 
 _STARTED = False
@@ -38,7 +38,7 @@ def initialize(section: dict[str, Any]) -> bool:
         ids = [int(i) for i in str(local).split(",") if i.strip()] or None
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
                                    local_device_ids=ids)
-    elif mode == "on" or _host_has_tpu():
+    elif mode == "on" or host_has_tpu():
         jax.distributed.initialize()  # JAX finds the TPU pod's (or cluster's) workers itself
     else:
         return False

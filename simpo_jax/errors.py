@@ -1,7 +1,11 @@
-"""Errors raised for bad configuration, named by the offending field."""
+"""Errors that a user's input causes (reported by the commands as one line), and the config-field check."""
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user (configuration, data, checkpoint files): the message says what and where."""
+
+
+class ConfigError(UserError):
     """A configuration field is missing or has an unsupported value; the message names the field."""
 
 

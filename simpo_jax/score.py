@@ -18,11 +18,12 @@ from ml_collections import config_flags
 
 from simpo_jax import distributed
 from simpo_jax.build import build_model, load_data
+from simpo_jax.cli import run_command
 from simpo_jax.config import build_run_config
 from simpo_jax.data import pad_batch
+from simpo_jax.errors import ConfigError
 from simpo_jax.sharding import activation_sharding, batch_sharding, data_parallel_size
 from simpo_jax.step import pair_logps
-
 
 
 def score(config: Any, output: str) -> int:
@@ -34,7 +35,7 @@ def score(config: Any, output: str) -> int:
     split = rc.run["score"]["split"]
     data = eval_data if split == "eval" else train_data
     if data is None:
-        raise ValueError(f"score config field 'split': there is no {split!r} split")
+        raise ConfigError(f"score config field 'split': there is no {split!r} split")
     graphdef, params, _ = build_model(rc, mesh, tokenizer, seed=int(rc.run["train"]["seed"]))
     sharding = batch_sharding(mesh)
     batch_size = int(rc.run["score"]["batch_size"]) or int(rc.run["train"]["batch_size"])
@@ -89,7 +90,7 @@ def main() -> None:
         if jax.process_index() == 0:  # the others wrote nothing
             print(f"wrote {written} scores to {output.value}")
 
-    app.run(_main)
+    run_command(_main)
 
 
 if __name__ == "__main__":

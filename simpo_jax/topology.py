@@ -10,6 +10,7 @@ import math
 import os
 import re
 
+from simpo_jax import host_has_tpu
 from simpo_jax.errors import ConfigError
 
 GiB = 1024**3
@@ -123,7 +124,12 @@ LIBTPU_HELP = ("compiling for a TPU topology on this host needs libtpu: `pip ins
 
 def compile_only_devices(tpu: Slice) -> list:
     """The slice's devices as a compile-only topology (requires libtpu, not a TPU)."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+    if not host_has_tpu():
+        # Off a TPU VM there is no metadata server, and libtpu, loaded only to compile, would print start-up
+        # errors about the accelerator type and worker hostnames it cannot find; name them for it.
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         import libtpu  # noqa: F401
     except ImportError as e:

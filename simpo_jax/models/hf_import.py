@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from simpo_jax.errors import ConfigError
 from simpo_jax.models.config import ModelConfig, from_hf_dict
 from simpo_jax.models.decoder import Decoder, abstract_decoder
 from simpo_jax.models.safetensors_io import CheckpointError, CheckpointReader
@@ -26,13 +27,23 @@ from simpo_jax.sharding import DEFAULT_RULES, state_shardings
 log = logging.getLogger(__name__)
 
 
-def resolve_model_dir(path: str) -> str:
-    """A local directory as is; otherwise a Hub model id, downloaded (config, safetensors, tokenizer files)."""
+def resolve_model_dir(path: str, field: str = "model.hf_path") -> str:
+    """A local directory as is; otherwise a Hub model id, downloaded (config, safetensors, tokenizer files).
+
+    A path that is neither raises ConfigError naming the config `field` (`<section>.<field>`)."""
     if os.path.isdir(path):
         return path
+    section, name = field.split(".", 1)
+    if os.path.isabs(path) or path.startswith(".") or os.path.exists(path):
+        raise ConfigError(f"{section} config field {name!r}: {path} is not a model directory")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    except Exception as e:  # no network, no such repo, no access: the user's to fix, in one line
+        raise ConfigError(f"{section} config field {name!r}: {path!r} is not a local directory, and downloading "
+                          f"it from the Hub failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                          ) from e
 
 
 def read_hf_config(path: str, **runtime: Any) -> ModelConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from simpo_jax.errors import ConfigError
 from simpo_jax.models.config import ModelConfig, RopeScaling
 
 _LLAMA31_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
@@ -43,5 +44,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **runtime: Any) -> ModelConfig:
     """The ModelConfig of a named preset, with runtime options (dtype, scan_layers, remat_policy, ...)."""
     if name not in PRESETS:
-        raise KeyError(f"model preset {name!r} is unknown (known: {', '.join(sorted(PRESETS))})")
+        raise ConfigError(f"model config field 'preset': {name!r} is unknown (known: {', '.join(sorted(PRESETS))})")
     return ModelConfig(**PRESETS[name], **runtime)

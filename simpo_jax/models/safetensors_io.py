@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from simpo_jax.errors import UserError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -25,7 +27,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file or tensor is missing, malformed or of the wrong shape."""
 
 
