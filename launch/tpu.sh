@@ -208,7 +208,14 @@ cmd_train() {
     return
   fi
   local status=0
-  on_workers all "set -o pipefail; cd ~/$REMOTE_DIR && $job 2>&1 | tee $log" || status=$?
+  on_workers all "set -o pipefail; cd ~/$REMOTE_DIR && $job 2>&1 | tee $log" &
+  TRAIN_PID=$!
+  # SIGTERM or Ctrl-C here (a sweep being stopped, say) must not leave the slice training on its own: ask every
+  # worker's training to save and exit (as `stop` does), wait for it, then exit 143 as a terminated command does.
+  trap 'echo "launch/tpu.sh: stopping the training on every worker (it saves a checkpoint)" >&2; cmd_stop; \
+wait "$TRAIN_PID"; exit 143' TERM INT
+  wait "$TRAIN_PID" || status=$?
+  trap - TERM INT
   if [[ -n "$FETCH" ]]; then
     run mkdir -p "$FETCH"
     run gcloud storage rsync --recursive "$BUCKET/$run_id/output" "$FETCH" || status=$((status ? status : 1))

@@ -133,3 +133,35 @@ def test_the_worker_command_runs_training_then_copies_outputs(tmp_path):
                       "--config.loss.beta=10 SHARED_SETTING=from-env-file")
     assert gcloud.startswith(f"gcloud storage rsync --recursive {home}/runs/llama3_8b_instruct "
                              "gs://my-bucket/simpo/llama3_8b_instruct/output")
+
+
+def test_sigterm_to_a_waiting_train_stops_the_slices_training_and_waits_for_it(tmp_path):
+    """`train --wait` (what sweeps run) sent SIGTERM: every worker is stopped (saves), then it exits 143."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    # The ssh that runs the training blocks until `stop` (pkill -TERM on the workers) releases it, as the real
+    # training saves and exits on SIGTERM; every call is recorded.
+    (bin_dir / "gcloud").write_text(f"""#!/bin/bash
+echo "gcloud $*" >> {calls}
+case "$*" in
+  *worker.sh*) echo training-started >> {calls}
+               while [ ! -e {tmp_path}/released ]; do sleep 0.05; done
+               echo training-saved-and-ended >> {calls} ;;
+  *pkill*) touch {tmp_path}/released ;;
+esac
+""")
+    (bin_dir / "gcloud").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", str(TPU), "train", *COMMON, *TRAIN, "--wait"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while "training-started" not in (calls.read_text() if calls.exists() else ""):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    lines = calls.read_text().splitlines()
+    stop = next(i for i, line in enumerate(lines) if "pkill -TERM -f" in line)
+    assert "--worker=all" in lines[stop] and lines[-1] == "training-saved-and-ended"  # waited for the save
+    assert "stopping the training on every worker" in err
