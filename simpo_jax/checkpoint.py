@@ -1,16 +1,25 @@
 """Orbax checkpoints of the train state and the data iterator position: async save, keep-last-K, resume.
 
 Arrays are saved as the global sharded arrays they are; restoring takes the shardings of the state it
-restores into, so a run can resume on a different mesh than the one that saved.
+restores into, so a run can resume on a different mesh than the one that saved. A step whose files are
+damaged (truncated, partly copied, missing) is warned about and moved aside; the run resumes from the newest
+checkpoint that restores.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import sys
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from simpo_jax.distributed import any_process
+from simpo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +35,71 @@ def from_plain(template: Any, plain: Any) -> Any:
     leaves = iter(jax.tree.leaves(plain))
     return jax.tree.map(lambda v: v.replace(next(leaves)) if isinstance(v, nnx.Variable) else next(leaves),
                         template, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class ResumeError(UserError):
+    """Checkpoints exist but none of them restores (or a damaged one cannot be moved aside); names the directory."""
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (TensorStore messages are long)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+class _AbandonedReads(logging.Filter):
+    """Silences what the reads of a failed restore print as they fail later, into Orbax's closed event loop.
+
+    Orbax stops at the first array that fails; the other reads still end, with "Event loop is closed" and
+    "Task exception was never retrieved" tracebacks that look like a crash although the run goes on.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.paths: list[str] = []  # step directories that failed to restore
+        self.dropped = 0
+        self.installed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        drop = text.startswith("Task exception was never retrieved") and any(p in text for p in self.paths)
+        self.dropped += drop
+        return not drop
+
+    def _closed_loop(self, exc: BaseException | None, tb: Any) -> bool:
+        """A callback from outside Python (TensorStore) into a closed loop: nothing of the program's own."""
+        drop = (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and tb is not None
+                and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+        self.dropped += drop
+        return drop
+
+    def install(self) -> None:
+        """Filter asyncio's log, and `sys.excepthook` / `sys.unraisablehook` (which the late callbacks use)."""
+        if self.installed:
+            return
+        self.installed = True
+        logging.getLogger("asyncio").addFilter(self)
+        excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+        sys.excepthook = lambda kind, exc, tb: None if self._closed_loop(exc, tb) else excepthook(kind, exc, tb)
+        sys.unraisablehook = lambda u: None if self._closed_loop(u.exc_value, u.exc_traceback) else unraisablehook(u)
+
+    def drain(self, step_path: str, quiet_s: float = 0.3, limit_s: float = 3.0) -> None:
+        """After a failed restore of `step_path`: wait (at most `limit_s`) until its reads have stopped failing."""
+        self.paths.append(step_path.rstrip("/") + "/")
+        deadline, last, since = time.monotonic() + limit_s, -1, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+            gc.collect()  # failed tasks report when collected
+            if self.dropped != last:
+                last, since = self.dropped, time.monotonic()
+            time.sleep(0.05)
+
+
+_ABANDONED = _AbandonedReads()
 
 
 class Checkpointer:
@@ -57,6 +131,61 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         log.info("restored checkpoint of step %d", step)
         return from_plain(state_template, restored["state"]), dict(restored["data"]), step
+
+    def restore_latest_good(self, state_template: Any) -> tuple[Any, dict, int] | None:
+        """`restore` of the newest step that restores (newer, damaged ones are moved aside); None without steps.
+
+        Every process takes part in each attempt (restoring is collective) and they agree on its outcome, so
+        all resume from the same step. Raises ResumeError when steps exist but none restores.
+        """
+        main = jax.process_index() == 0
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        _ABANDONED.install()
+        failed: list[tuple[int, str]] = []
+        for i, step in enumerate(steps):
+            restored, error = self._try_restore(state_template, step)
+            if not any_process(error is not None):
+                if failed:
+                    self._set_aside([s for s, _ in failed])
+                return restored
+            failed.append((step, error or "it failed on another process"))
+            if main or error:
+                then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint is left"
+                _say(f"warning: checkpoint of step {step} in {self.manager.directory} could not be restored "
+                     f"({failed[-1][1]}); {then}")
+        raise ResumeError(
+            f"none of the checkpoints in {self.manager.directory} (steps {', '.join(map(str, sorted(steps)))}) "
+            f"could be restored (step {steps[0]}: {failed[0][1]}); not starting over: repair or move them")
+
+    def _try_restore(self, state_template: Any, step: int) -> tuple[tuple[Any, dict, int] | None, str | None]:
+        """(`restore`'s result, None), or (None, a short reason) when the step does not restore here."""
+        try:
+            return self.restore(state_template, step), None
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be resumed from
+            _ABANDONED.drain(str(epath.Path(self.manager.directory) / str(step)))
+            if jax.process_count() > 1:  # the barrier that ends Orbax's (0.12) restore, which the failure skipped
+                ocp.multihost.sync_global_processes("Checkpointer:restore")
+            return None, _short(e)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged step directories to `<step>.damaged-<time>` (kept, but out of the way of new saves)."""
+        stamp, problem = time.strftime("%Y%m%d-%H%M%S"), ""
+        if jax.process_index() == 0:  # the directory is shared: one process renames
+            for step in steps:
+                path = epath.Path(self.manager.directory) / str(step)
+                target = path.parent / f"{step}.damaged-{stamp}"
+                try:
+                    path.rename(target)
+                except OSError as e:
+                    problem = f"could not move the damaged checkpoint {path} aside ({_short(e)}); move it by hand"
+                    break
+                _say(f"warning: moved the damaged checkpoint of step {step} to {target} (kept for inspection; "
+                     f"this run saves step {step} anew)")
+        if any_process(bool(problem)):  # also the barrier before every process lists the steps again
+            raise ResumeError(problem or "process 0 could not move a damaged checkpoint aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

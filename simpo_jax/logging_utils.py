@@ -12,14 +12,41 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def truncate_metrics(output_dir: str, last_step: int) -> None:
-    """Drop lines past `last_step` (logged by a run that died after its last checkpoint)."""
+    """Keep one line per step <= `last_step`; drop unreadable lines (a crash's cut-off write) with a warning.
+
+    Later lines were logged after the last checkpoint; a second line of a step is the final held-out metrics,
+    which the resumed run logs again. The file is replaced atomically, so a crash here loses nothing.
+    """
     path = os.path.join(output_dir, METRICS_FILE)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    keep, seen = [], set()
+    for number, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        step = _step_of(line)
+        if step is None:
+            what = "cut off mid-write" if number == len(raw) else "unreadable"  # no newline: the last, unfinished
+            print(f"warning: dropped line {number} of {path}: {what} ({len(line)} bytes, {line[:30]!r})", flush=True)
+        elif step <= last_step and step not in seen:  # a second line of a step: final metrics, logged anew
+            keep.append(line + b"\n")
+            seen.add(step)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _step_of(line: bytes) -> int | None:
+    """The `step` of a metrics line; None when the line is not a JSON object with an integer step."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # also UnicodeDecodeError
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class MetricsLogger:

@@ -95,8 +95,11 @@ def run(config: Any) -> dict[str, float]:
     checkpoints = Checkpointer(checkpoint_dir, int(ckpt_cfg["every"]), int(ckpt_cfg["keep"]),
                                bool(ckpt_cfg["async_save"]))
     start = 0
-    if checkpoints.latest_step() is not None:
-        state, data_state, start = checkpoints.restore(state)
+    # The newest checkpoint that restores: newer, damaged ones are moved aside with a warning; when checkpoints
+    # exist but none restores, a ResumeError (one line, exit status 2) rather than starting over.
+    resumed = checkpoints.restore_latest_good(state)
+    if resumed is not None:
+        state, data_state, start = resumed
         batches.restore(data_state)
         if main:
             print(f"resumed from the checkpoint of step {start}", flush=True)

@@ -97,7 +97,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
 
 
 @multi_device(8)
-def test_checkpoint_from_2x2x2_resumes_on_1x8x1_and_one_device(tmp_path):
+def test_checkpoint_from_2x2x2_resumes_on_1x8x1_and_one_device(tmp_path, capsys):
     import jax
 
     from simpo_jax.train import run
@@ -105,6 +105,7 @@ def test_checkpoint_from_2x2x2_resumes_on_1x8x1_and_one_device(tmp_path):
     mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
     run(tiny_config(tmp_path / "a", **mesh, **{"train.max_steps": 8, "export.enabled": False}))
     reference = _metrics(tmp_path / "a")
+    logged = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     for name, shape in (("1x8x1", {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1}),
                         ("1x1x1", {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})):
         out = tmp_path / name
@@ -114,11 +115,18 @@ def test_checkpoint_from_2x2x2_resumes_on_1x8x1_and_one_device(tmp_path):
             env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
             args = tiny_overrides(out, **{f"mesh.{k}": 1 for k in ("data", "fsdp", "tensor")},
                                   **{"train.max_steps": 8, "export.enabled": False})
-            subprocess.run([sys.executable, "-m", "simpo_jax.train", "--config", str(ROOT / "configs" / "tiny.py"),
-                            *args], cwd=ROOT, env=env, check=True, capture_output=True)
+            output = subprocess.run([sys.executable, "-m", "simpo_jax.train", "--config",
+                                     str(ROOT / "configs" / "tiny.py"), *args], cwd=ROOT, env=env, check=True,
+                                    capture_output=True, text=True).stdout
         else:
             assert jax.device_count() == 8
+            capsys.readouterr()
             run(tiny_config(out, **shape, **{"train.max_steps": 8, "export.enabled": False}))
+            output = capsys.readouterr().out
+        assert "resumed from the checkpoint of step 4\n" in output, (name, output[-3000:])
+        # Steps 1..4 were not re-run: their lines, measured speed included, are the copied ones; 5..8 are new.
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert lines[:4] == logged[:4] and all(a != b for a, b in zip(lines[4:8], logged[4:8])), name
         resumed = _metrics(out)
         assert [m["step"] for m in resumed] == list(range(1, 9)) + [8]  # the last line: final held-out metrics
         for got, want in zip(resumed[4:], reference[4:]):
