@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from simpo_jax import distributed
 from simpo_jax.build import build_model, load_data, load_reference, tokenizer_dir
 from simpo_jax.checkpoint import Checkpointer
+from simpo_jax.cli import run_command
 from simpo_jax.config import build_run_config
 from simpo_jax.data import BatchIterator
 from simpo_jax.logging_utils import MetricsLogger, truncate_metrics
@@ -207,7 +208,7 @@ def main() -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every save step at INFO
         run(config.value)
 
-    app.run(_main)
+    run_command(_main)
 
 
 if __name__ == "__main__":
