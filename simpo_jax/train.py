@@ -66,6 +66,7 @@ def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, r
 def run(config: Any) -> dict[str, float]:
     """Train as configured; returns the final held-out metrics (empty without a held-out split)."""
     rc = build_run_config(config)
+    preemption = _Preemption()  # from the start: a SIGTERM while loading or compiling is honoured too
     distributed.initialize(rc.run["distributed"])  # before anything touches a device
     train_cfg, ckpt_cfg = rc.run["train"], rc.run["checkpoint"]
     out = train_cfg["output_dir"]
@@ -108,7 +109,12 @@ def run(config: Any) -> dict[str, float]:
         truncate_metrics(out, start)  # lines a dead run logged after its last complete checkpoint
     log_cfg = rc.run["logging"]
     logger = MetricsLogger(out, main, log_cfg["tensorboard"], log_cfg["wandb_project"], config.to_dict())
-    preemption = _Preemption()
+    if distributed.any_process(preemption.requested):  # before the first step: nothing new to save
+        checkpoints.close()
+        logger.close()
+        print(f"SIGTERM during start-up: nothing new to save (the run resumes from step {start}); exiting",
+              flush=True)
+        sys.exit(0)
     log_every, eval_every = int(train_cfg["log_every"]), int(train_cfg["eval_every"])
     bar = _progress(start, total, main and log_cfg["progress_bar"])
     last_saved = start

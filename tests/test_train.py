@@ -96,6 +96,22 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
     assert not (tmp_path / "summary.json").exists()  # not finished
 
 
+def test_sigterm_during_start_up_exits_zero_without_a_traceback(tmp_path):
+    """A maintenance event while the run loads or compiles: the handler is already there (no default kill)."""
+    proc = _train(tmp_path, "--config.train.max_steps=400", wait=False)
+    seen = []
+    for line in proc.stdout:  # the data summary is printed before the model is built and compiled
+        seen.append(line)
+        if line.startswith("eval: "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    assert ("SIGTERM during start-up: nothing new to save (the run resumes from step 0); exiting" in output
+            or "SIGTERM: saved the checkpoint of step 1" in output), output[-2000:]
+
+
 @multi_device(8)
 def test_checkpoint_from_2x2x2_resumes_on_1x8x1_and_one_device(tmp_path, capsys):
     import jax
