@@ -1,0 +1,30 @@
+"""The decode step compiled ahead of time for a TPU topology (libtpu's compile-only devices, no TPU)."""
+import pytest
+
+from test_aot import _config, needs_libtpu
+from simpo_jax.topology import parse_slice
+
+
+def _small(tensor=1):
+    config = _config("tiny")
+    config.model.dtype = "bfloat16"
+    config.model.hidden_size, config.model.intermediate_size, config.model.num_layers = 512, 1024, 2
+    config.model.num_heads, config.model.num_kv_heads = 4, 2
+    config.mesh.tensor = tensor
+    return config
+
+
+@needs_libtpu
+@pytest.mark.parametrize("tensor", [1, 2])
+def test_decode_step_compiles_for_tpu_and_reports_per_chip_memory(tensor):
+    from simpo_jax.generate.aot import check_decode_fit
+
+    report = check_decode_fit(_small(tensor), parse_slice("v5p:2x2x1"), batch=8, cache_len=256)
+    assert report.mesh_shape == {"data": 1, "fsdp": 4 // tensor, "tensor": tensor} and report.fits
+    # The cache's shard: its batch over fsdp, its 2 KV heads over tensor; bf16 keys and values.
+    rows, heads = 8 // (4 // tensor), 2 // tensor
+    assert report.cache_bytes == 2 * 2 * rows * heads * 256 * report.model.head_dim * 2
+    assert report.alias_bytes >= report.cache_bytes  # donated: updated in place, not copied
+    assert report.argument_bytes >= report.weight_bytes + report.cache_bytes
+    assert report.total_bytes < report.argument_bytes + report.temp_bytes + report.code_bytes + report.cache_bytes
+    assert "FITS" in report.render() and "256 cache positions" in report.render()
