@@ -147,3 +147,31 @@ def test_run_export_and_orbax_checkpoint_give_the_same_samples(tmp_path):
     assert "wrote 5 samples" in proc.stdout
     cli = [{k: v for k, v in r.items() if k != "generator"} for r in read_jsonl(tmp_path / "cli.jsonl")]
     assert cli == outs[0]
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template,generation_prompt", [(None, "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+                                                        (CHATML, "<|im_start|>assistant\n"), ("mistral", "")])
+def test_prompts_render_as_training_prompts_plus_the_generation_prompt(template, generation_prompt):
+    """A preference row's training prompt (formats.row_to_text, with its empty-system-turn rule) followed by the
+    template's generation prompt is what generation renders for the same conversation."""
+    from simpo_jax.data.config import DataConfig
+    from simpo_jax.data.formats import row_to_text
+    from simpo_jax.data.pipeline import resolve_template
+    from simpo_jax.generate.config import GenerateConfig
+    from simpo_jax.generate.prompts import render
+
+    tok, data = llama3_tokenizer(), DataConfig(chat_template=template)
+    for messages in MESSAGES[:3]:
+        conversation = messages if messages[-1]["role"] == "assistant" else messages + [
+            {"role": "assistant", "content": "an answer"}]
+        row = {"prompt": "ignored", "chosen": conversation,
+               "rejected": conversation[:-1] + [{"role": "assistant", "content": "another"}]}
+        trained = row_to_text(row, "prompt_messages", data, tok, resolve_template(data)).prompt
+        text, _ = render({"messages": conversation}, "messages", GenerateConfig(), data, tok)
+        assert text == trained + generation_prompt
+        if template == CHATML and conversation[0]["role"] != "system":
+            assert text.startswith("<|im_start|>system\n<|im_end|>")  # training's empty system turn
