@@ -87,6 +87,7 @@ def jax_decode(sampler, ids: np.ndarray, repeats: int) -> tuple[float, list, int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer tokens (a smoke test)")
+    parser.add_argument("--output", default="", help="where to write the report (default: results/generate.md)")
     args = parser.parse_args()
     size = SIZES["quick" if args.quick else "full"]
     new = size.length - size.prompt
@@ -134,8 +135,8 @@ def main() -> None:
         f"1-minute load average {load_before:.2f} before, {load_after:.2f} after (other processes share the CPUs).",
     ])
     print(report)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "generate_quick.md" if args.quick else "generate.md")
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                      "generate_quick.md" if args.quick else "generate.md")
     with open(out, "w") as f:
         f.write(report + "\n")
 

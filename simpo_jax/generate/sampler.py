@@ -116,7 +116,7 @@ class Sampler:
             model = nnx.merge(self.graphdef, state)
             length = ids.shape[1] + self.params.max_new_tokens
             cache = init_cache(model, ids.shape[0], -(-length // 8) * 8)
-            logits, cache = cached_forward(model, ids, pad, jnp.int32(0), cache)
+            logits, cache = cached_forward(model, ids, pad, jnp.int32(0), cache, prefill=True)
             keys = row_keys(self.params.seed, prompt_keys, sample_ids)
             return cache, next_token(logits, keys, jnp.int32(0), self.params)
 
