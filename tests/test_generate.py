@@ -49,7 +49,7 @@ def sampler(path, batch_size=4, buckets=(16, 32), eos=(), new=NEW, bos=None, **m
 
 
 @pytest.mark.parametrize("variant,scan", [("llama3", True), ("llama31", True), ("mistral_v01", True),
-                                          ("llama3", False)])
+                                          ("llama3", False), ("llama32_tied", True), ("mistral_head_dim", True)])
 def test_greedy_matches_transformers(models, variant, scan):
     path, ref = models(variant)
     ps = prompts()

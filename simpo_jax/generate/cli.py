@@ -141,7 +141,8 @@ def generate(config: Any, output: str) -> int:
     if not todo:
         return 0
     model = load_model(rc, mesh, tokenizer, source)
-    eos = {tokenizer.eos_token_id} | set(np.atleast_1d(model.cfg.eos_token_id or []).tolist())
+    config_eos = model.cfg.eos_token_id
+    eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, gen.seed)
     sampler = Sampler(model, params, batch_size=gen.batch_size, buckets=gen.buckets(rc.data.max_prompt_length),
                       eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,

@@ -98,15 +98,11 @@ class Sampler:
         if mesh is not None:
             state = jax.device_put(state, state_shardings(state, mesh))
         self.state = state
-        self._prefill = jax.jit(self._prefill_fn, out_shardings=self._out_shardings(2))
+        # Tokens come back replicated (every process reads all rows); the cache keeps its sharding.
+        tokens = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        self._prefill = jax.jit(self._prefill_fn, out_shardings=(None, tokens))  # -> (cache, first tokens)
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnums=(6,),
-                               out_shardings=self._out_shardings(1))
-
-    def _out_shardings(self, count: int | None):
-        if self.mesh is None:
-            return None
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return (None, replicated) if count == 2 else (replicated, None)
+                               out_shardings=(tokens, None))  # -> (tokens [batch, max_new], cache)
 
     def _context(self):
         return activation_sharding(self.mesh) if self.mesh is not None else contextlib.nullcontext()
