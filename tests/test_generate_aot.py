@@ -41,3 +41,16 @@ def test_llama3_8b_decode_step_fits_a_v5p_16():
     assert report.cache_bytes == 2 * 32 * (64 // 8) * 8 * 4096 * 128 * 2  # 4 GiB: 8 rows a chip, bf16
     assert abs(report.weight_bytes - 4 * report.model.num_params() / 8) < 0.01 * report.weight_bytes
     assert report.total_bytes < 0.2 * report.slice.generation.hbm_bytes
+
+
+@needs_libtpu
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_prefill_compiles_for_tpu_with_training_attention(impl):
+    """The prefill runs training's attention (the splash kernel included) on the mesh, for a TPU."""
+    from simpo_jax.generate.aot import prefill_memory
+
+    config = _small()
+    config.model.attention_impl = impl
+    mem = prefill_memory(config, parse_slice("v5p:2x2x1"), batch=16, prompt_len=1024, cache_len=1536)
+    # Weights, cache and a layer's activations of 4 rows x 1024 tokens a chip: well under 256 MiB.
+    assert 0 < mem.temp_size_in_bytes < 256 * 2 ** 20

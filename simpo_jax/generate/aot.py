@@ -114,6 +114,30 @@ def check_decode_fit(config: Any, tpu: Slice, batch: int, cache_len: int, device
                            mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, time.perf_counter() - began)
 
 
+def prefill_memory(config: Any, tpu: Slice, batch: int, prompt_len: int, cache_len: int,
+                   devices: list | None = None) -> Any:
+    """Compile the prefill of `batch` prompts of `prompt_len` tokens into a `cache_len` cache for `tpu` (the
+    training attention: splash when `model.attention_impl=splash`); returns XLA's memory analysis."""
+    from simpo_jax.generate.cache import init_cache
+
+    rc = build_run_config(config)
+    cfg = aot_model_config(rc)
+    mesh = rc.mesh.build(devices if devices is not None else compile_only_devices(tpu))
+    graphdef, abstract = abstract_decoder(cfg)
+    state = _abstract(abstract, state_shardings(abstract, mesh))
+    rows = batch_sharding(mesh)
+
+    def prefill(state, ids, pad):
+        with activation_sharding(mesh):
+            model = nnx.merge(graphdef, state)
+            cache = init_cache(model, batch, cache_len)
+            return cached_forward(model, ids, pad, jnp.int32(0), cache, prefill=True)
+
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows)
+    pad = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    return jax.jit(prefill).lower(state, ids, pad).compile().memory_analysis()
+
+
 def main() -> None:
     """The command line."""
     from absl import app, flags
