@@ -140,7 +140,8 @@ def test_run_export_and_orbax_checkpoint_give_the_same_samples(tmp_path):
            f"--config.train.output_dir={tmp_path / 'run'}", "--config.model.hidden_size=32",
            "--config.model.intermediate_size=64", "--config.model.num_layers=2", "--config.model.num_heads=2",
            "--config.model.num_kv_heads=1", f"--config.generate.checkpoint={tmp_path / 'run'}",
-           "--config.generate.max_prompts=5", "--config.generate.max_new_tokens=12", "--config.logging.progress_bar=False",
+           "--config.generate.max_prompts=5", "--config.generate.max_new_tokens=12",
+           "--config.logging.progress_bar=False",
            f"--output={tmp_path / 'cli.jsonl'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

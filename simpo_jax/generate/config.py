@@ -47,7 +47,8 @@ class GenerateConfig:
               "greedy decoding (temperature 0) gives one sample per prompt; set generate.temperature > 0")
         check(self.batch_size >= 1, "generate", "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.max_prompts >= 0, "generate", "max_prompts", f"must be >= 0, got {self.max_prompts}")
-        check(self.max_prompt_length >= 0, "generate", "max_prompt_length", f"must be >= 0, got {self.max_prompt_length}")
+        check(self.max_prompt_length >= 0, "generate", "max_prompt_length",
+              f"must be >= 0, got {self.max_prompt_length}")
         if self.prompt_buckets is not None:
             check(len(self.prompt_buckets) > 0 and all(int(b) > 0 for b in self.prompt_buckets), "generate",
                   "prompt_buckets", f"must be positive lengths, got {self.prompt_buckets}")

@@ -77,7 +77,8 @@ def render(row: dict, column: str, gen: GenerateConfig, data: DataConfig, tokeni
     return text, instruction
 
 
-def build_prompts(rows: list[dict], dataset: str, gen: GenerateConfig, data: DataConfig, tokenizer: Any) -> list[Prompt]:
+def build_prompts(rows: list[dict], dataset: str, gen: GenerateConfig, data: DataConfig,
+                  tokenizer: Any) -> list[Prompt]:
     """Render and tokenize every row (prompt ids: the row's `prompt_id` column, else its index)."""
     if not rows:
         return []
