@@ -6,6 +6,7 @@ from typing import Any
 
 from simpo_jax.data.config import DataConfig
 from simpo_jax.errors import ConfigError, check
+from simpo_jax.generate.config import GenerateConfig
 from simpo_jax.losses import LossConfig
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.optim import OptimizerConfig
@@ -13,7 +14,7 @@ from simpo_jax.sharding import MeshConfig
 from simpo_jax.step import StepConfig
 
 SECTIONS = ("model", "reference", "data", "loss", "optimizer", "mesh", "step", "train", "checkpoint", "logging",
-            "export", "score", "distributed")
+            "export", "score", "distributed", "generate")
 RUN_ONLY = {"data": ("builtin", "builtin_train_rows", "builtin_eval_rows", "tokenizer_path"),
             "model": ("hf_path", "preset")}
 MODEL_RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -32,8 +33,9 @@ def typed(cls: type, name: str, values: dict) -> Any:
         raise ConfigError(f"{name} config field {unknown[0]!r}: unknown (known: {', '.join(sorted(fields))})")
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in values.items() if v is not None or defaults[k] is None}  # None: the default
-    if "bucket_lengths" in kwargs and kwargs["bucket_lengths"] is not None:
-        kwargs["bucket_lengths"] = tuple(kwargs["bucket_lengths"])
+    for key in ("bucket_lengths", "prompt_buckets"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = tuple(kwargs[key])
     obj = cls(**kwargs)
     return obj.validate() if hasattr(obj, "validate") and not isinstance(obj, ModelConfig) else obj
 
@@ -49,7 +51,7 @@ class RunConfig:
     step: StepConfig
     model: dict  # hf_path / preset, runtime options, shape overrides
     run: dict  # the other sections as plain dicts: reference, train, checkpoint, logging, export, score,
-    # distributed, data extras
+    # distributed, data extras; generate (a GenerateConfig)
 
 
 def build_run_config(config: Any) -> RunConfig:
@@ -72,6 +74,7 @@ def build_run_config(config: Any) -> RunConfig:
     run = {name: _section(config, name) for name in ("reference", "train", "checkpoint", "logging", "export", "score")}
     run["distributed"] = _section(config, "distributed") if "distributed" in config else {}
     run["data_extras"] = extras
+    run["generate"] = typed(GenerateConfig, "generate", _section(config, "generate") if "generate" in config else {})
     return RunConfig(data=typed(DataConfig, "data", data), loss=typed(LossConfig, "loss", _section(config, "loss")),
                      optimizer=typed(OptimizerConfig, "optimizer", _section(config, "optimizer")),
                      mesh=typed(MeshConfig, "mesh", _section(config, "mesh")),

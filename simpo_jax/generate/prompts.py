@@ -1,0 +1,99 @@
+"""Prompts for generation: rows from a file, dataset or the run's data, rendered and tokenized as in training.
+
+Message lists are rendered with the training chat template (`data.chat_template` or the tokenizer's) plus the
+generation prompt, with training's empty-system-turn rule; a trailing assistant turn is dropped (it is what
+is generated). String prompts become one user turn when there is a template (`generate.apply_chat_template`),
+else are used as they are. Token ids: no special tokens added by the tokenizer, BOS prepended unless present
+(training's rule for prompts).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+from simpo_jax.data.config import DataConfig
+from simpo_jax.data.pipeline import resolve_template
+from simpo_jax.data.sources import load_split
+from simpo_jax.errors import check
+from simpo_jax.generate.config import PROMPT_COLUMNS, GenerateConfig
+
+
+class Prompt(NamedTuple):
+    """One prompt: its id, the instruction text written to the output, its dataset name and token ids."""
+
+    prompt_id: str
+    instruction: str
+    dataset: str
+    ids: list[int]
+
+
+def load_rows(gen: GenerateConfig, data: DataConfig, extras: dict) -> tuple[list[dict], str]:
+    """The raw rows (at most `generate.max_prompts`) and the source's name."""
+    if gen.prompts:
+        rows, name = load_split(gen.prompts, gen.split), os.path.basename(gen.prompts.rstrip("/"))
+    elif extras.get("builtin"):
+        from simpo_jax.data.builtin import builtin_dataset
+
+        rows = builtin_dataset(extras["builtin"], 1, extras.get("builtin_eval_rows") or 256, data.seed)[1]
+        name = extras["builtin"]
+    else:
+        check(bool(data.path), "generate", "prompts", "set generate.prompts (or data.path for the run's eval split)")
+        rows, name = load_split(data.path, data.eval_split or gen.split), os.path.basename(data.path.rstrip("/"))
+    if gen.max_prompts:
+        rows = rows.select(range(min(gen.max_prompts, len(rows))))
+    return rows.to_list(), gen.dataset_name or name
+
+
+def _column(row: dict, gen: GenerateConfig) -> str:
+    if gen.prompt_column:
+        check(gen.prompt_column in row, "generate", "prompt_column", f"{gen.prompt_column!r} is not a column "
+                                                                     f"(columns: {', '.join(sorted(row))})")
+        return gen.prompt_column
+    found = [c for c in PROMPT_COLUMNS if c in row]
+    check(bool(found), "generate", "prompt_column", f"the rows have none of {', '.join(PROMPT_COLUMNS)} "
+                                                    f"(columns: {', '.join(sorted(row))}); name one")
+    return found[0]
+
+
+def render(row: dict, column: str, gen: GenerateConfig, data: DataConfig, tokenizer: Any) -> tuple[str, str]:
+    """(text to tokenize, instruction) of one row."""
+    value = row[column]
+    template = resolve_template(data)
+    effective = template if template is not None else (tokenizer.chat_template or "")
+    if isinstance(value, str):
+        if not (gen.apply_chat_template and effective):
+            return value, row.get("instruction", value)
+        value = [{"role": "user", "content": value}]
+    messages = [dict(role=m["role"], content=m["content"]) for m in value]
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    check(bool(messages), "generate", "prompt_column", f"column {column!r} has a row without a user turn")
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    instruction = row.get("instruction", users[-1] if users else messages[-1]["content"])
+    if data.auto_insert_empty_system_msg and messages[0]["role"] != "system" and (
+            "system" in effective or "<|im_start|>" in effective):
+        messages.insert(0, {"role": "system", "content": ""})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, add_generation_prompt=True)
+    return text, instruction
+
+
+def build_prompts(rows: list[dict], dataset: str, gen: GenerateConfig, data: DataConfig,
+                  tokenizer: Any) -> list[Prompt]:
+    """Render and tokenize every row (prompt ids: the row's `prompt_id` column, else its index)."""
+    if not rows:
+        return []
+    column = _column(rows[0], gen)
+    texts, prompts = [], []
+    for index, row in enumerate(rows):
+        text, instruction = render(row, column, gen, data, tokenizer)
+        texts.append(text)
+        prompts.append((str(row.get("prompt_id", index)), instruction, str(row.get("dataset") or dataset)))
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    out = []
+    for (prompt_id, instruction, name), ids in zip(prompts, encoded):
+        ids = list(ids)
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        out.append(Prompt(prompt_id, instruction, name, ids))
+    return out
