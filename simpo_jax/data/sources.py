@@ -16,13 +16,14 @@ def _builder(path: str) -> str | None:
     return _BUILDERS.get(os.path.splitext(name)[1])
 
 
-def load_split(path: str, split: str, field: str = "path") -> datasets.Dataset:
+def load_split(path: str, split: str, field: str = "data.path") -> datasets.Dataset:
     """One split: `path` is a local file, a `save_to_disk` directory, a directory of data files, or a Hub name.
 
-    A source that cannot be read raises ConfigError naming the data config `field` (path or eval_split)."""
+    A source that cannot be read raises ConfigError naming the config `field` (`<section>.<field>`)."""
+    section, name = field.split(".", 1)
     if os.path.isfile(path):
         builder = _builder(path)
-        check(builder is not None, "data", field, f"{path}: unsupported file type (json, jsonl, parquet, arrow, "
+        check(builder is not None, section, name, f"{path}: unsupported file type (json, jsonl, parquet, arrow, "
                                                   "optionally .gz)")
         return _load(field, path, builder, data_files={split: path}, split=split)
     if os.path.isdir(path):
@@ -34,7 +35,7 @@ def load_split(path: str, split: str, field: str = "path") -> datasets.Dataset:
                 return loaded[split]
             return loaded
         return _load(field, path, path, split=split)
-    check(not (os.path.isabs(path) or path.startswith(".") or _builder(path)), "data", field,
+    check(not (os.path.isabs(path) or path.startswith(".") or _builder(path)), section, name,
           f"{path}: no such file or directory")
     return _load(field, path, path, split=split)  # a Hub dataset (needs the network)
 
@@ -46,7 +47,9 @@ def _load(field: str, path: str, *args, **kwargs) -> datasets.Dataset:
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # ConnectionError is an OSError
         cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        raise ConfigError(f"data config field {field!r}: cannot read {path} ({type(cause).__name__}: {first})") from e
+        section, name = field.split(".", 1)
+        raise ConfigError(f"{section} config field {name!r}: cannot read {path} ({type(cause).__name__}: {first})"
+                          ) from e
 
 
 def load_train_eval(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -57,8 +60,8 @@ def load_train_eval(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset
     named_split = cfg.eval_split and not (os.path.isfile(cfg.path) and not os.path.exists(cfg.eval_split))
     if named_split:
         if os.path.exists(cfg.eval_split):  # a separate file or directory
-            return train, load_split(cfg.eval_split, "eval", "eval_split")
-        return train, load_split(cfg.path, cfg.eval_split, "eval_split")
+            return train, load_split(cfg.eval_split, "eval", "data.eval_split")
+        return train, load_split(cfg.path, cfg.eval_split, "data.eval_split")
     check(not cfg.eval_split or cfg.eval_fraction > 0, "data", "eval_split",
           f"{cfg.eval_split!r} is neither a file nor a split of {cfg.path} (a single file has one split): name a "
           "held-out file, set data.eval_fraction to carve one from it, or set data.eval_split to ''")

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from simpo_jax.aot import _abstract, aot_model_config
 from simpo_jax.config import build_run_config
-from simpo_jax.errors import ConfigError, check
+from simpo_jax.errors import check
 from simpo_jax.generate.cache import CACHE_AXES, KVCache, cached_forward
 from simpo_jax.generate.sampler import SamplingParams, next_token, row_keys
 from simpo_jax.models.config import ModelConfig
@@ -141,6 +141,8 @@ def prefill_memory(config: Any, tpu: Slice, batch: int, prompt_len: int, cache_l
 def main() -> None:
     """The command line."""
     from absl import app, flags
+
+    from simpo_jax.cli import run_command
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", None, "A configs/<setting>.py[:<slice>] file.",
@@ -156,15 +158,11 @@ def main() -> None:
         name = topology.value or config.value.mesh.get("slice", "")
         if not name:
             raise app.UsageError("--topology is required (the config names no mesh.slice)")
-        try:
-            report = check_decode_fit(config.value, parse_slice(name), batch.value, cache.value)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        report = check_decode_fit(config.value, parse_slice(name), batch.value, cache.value)
         print(report.render(), flush=True)
         sys.exit(0 if report.fits else 1)
 
-    app.run(_main)
+    run_command(_main)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from simpo_jax import distributed
 from simpo_jax.build import build_model, tokenizer_dir
+from simpo_jax.cli import run_command
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config
 from simpo_jax.data import load_tokenizer
 from simpo_jax.errors import check
@@ -189,4 +190,4 @@ def main() -> None:
         if jax.process_index() == 0:
             print(f"wrote {written} samples to {output.value}")
 
-    app.run(_main)
+    run_command(_main)

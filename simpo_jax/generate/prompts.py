@@ -30,7 +30,8 @@ class Prompt(NamedTuple):
 def load_rows(gen: GenerateConfig, data: DataConfig, extras: dict) -> tuple[list[dict], str]:
     """The raw rows (at most `generate.max_prompts`) and the source's name."""
     if gen.prompts:
-        rows, name = load_split(gen.prompts, gen.split), os.path.basename(gen.prompts.rstrip("/"))
+        rows = load_split(gen.prompts, gen.split, "generate.prompts")
+        name = os.path.basename(gen.prompts.rstrip("/"))
     elif extras.get("builtin"):
         from simpo_jax.data.builtin import builtin_dataset
 
