@@ -17,7 +17,7 @@ from simpo_jax.fixtures import smollm2
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "smollm2_hh.py")
 TOL = 1e-4  # logits, fp32, 30 layers
-LOGP_TOL = 2e-5  # mean response log-probs (an average of per-token log-probs; see test_score_matches_transformers)
+LOGP_TOL = 3e-5  # mean response log-probs: 2x the largest difference measured (1.53e-5; see the score test)
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +154,9 @@ def test_score_matches_transformers_average_logps(smol, short_rows, tmp_path):
     (so the config's template is the model's), and the mean response log-probs equal transformers' fp32 ones.
 
     The tolerance: a mean log-prob is an average of per-token log-softmax values; their fp32 errors (up to
-    about 1e-4 on a single logit, see above) are mostly a shift shared by a position's logits, which log-softmax
-    removes, and they average out over a response's tokens. LOGP_TOL is set from the largest difference
-    measured on these 40 responses (see the README section), with a margin."""
+    about 1e-4 on a single logit, see above) average out over a response's tokens, mostly of independent
+    sign. LOGP_TOL is twice the largest difference measured
+    on these 40 responses (1.53e-5)."""
     _, model, tokenizer = smol
     data = _write_rows(tmp_path / "rows.jsonl", short_rows)
     out = tmp_path / "scores.jsonl"
