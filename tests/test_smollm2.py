@@ -3,7 +3,6 @@ real HH-RLHF harmless-base rows rendered in its ChatML format. fp32 parity with 
 export. The model comes from the test extra's packages: when they are missing these tests error, not skip.
 """
 import json
-import os
 import pathlib
 import subprocess
 import sys
