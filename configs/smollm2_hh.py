@@ -12,8 +12,9 @@ chosen / rejected on their own, as the official trainer does) is the answer text
 template would put its default system turn in front of it. Prompt + answer is the model's own rendering of the
 whole conversation (less the final newline). 100 rows are held out, as a separate file (`data.eval_split`).
 
-Hyper-parameters: chosen by the small sweep in SMOLLM2_README_SECTION.md (`benchmarks/smollm2_report.py
---sweep`); see there for the table and the reasons.
+Hyper-parameters: β 2.5 and γ/β 0.5 fixed, the learning rate from a two-point sweep (1e-5, 3e-5; 8 steps each,
+`python -m simpo_jax.sweep`), lengths and steps from what the 2-core CPU allows; the README's SmolLM2 section
+has the sweep's table, the reasons and the before/after report (`python benchmarks/smollm2_report.py`).
 """
 import os
 import sys
