@@ -47,6 +47,10 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
+        self.install()
+
+    def install(self) -> None:
+        """(Re)take SIGTERM: `jax.distributed.initialize` installs its own preemption notifier's handler."""
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
@@ -68,6 +72,7 @@ def run(config: Any) -> dict[str, float]:
     rc = build_run_config(config)
     preemption = _Preemption()  # from the start: a SIGTERM while loading or compiling is honoured too
     distributed.initialize(rc.run["distributed"])  # before anything touches a device
+    preemption.install()  # after it: JAX's distributed runtime replaces the handler with its own
     train_cfg, ckpt_cfg = rc.run["train"], rc.run["checkpoint"]
     out = train_cfg["output_dir"]
     main = jax.process_index() == 0
