@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import make_hf_model, multi_device
-from test_data_multihost import _free_port
 from test_generate import prompts
-from test_multihost_train import CPU4, CPU8, _finish
+from test_multihost_train import CPU8, _finish, _start_pair
 from test_train import ROOT, tiny_overrides
 from simpo_jax.generate import Sampler, SamplingParams
 from simpo_jax.models.hf_import import load_hf
@@ -52,12 +51,7 @@ def test_two_processes_generate_like_one_process(tmp_path):
     proc = subprocess.run(_command(single), cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, **CPU8),
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    port, procs = _free_port(), []
-    for i in range(2):
-        cmd = _command(tmp_path / f"multi{i}.jsonl", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=dict(os.environ, **CPU4)))
+    procs = _start_pair(_command, [tmp_path / f"multi{i}.jsonl" for i in range(2)])
     outputs = _finish(procs, timeout=300)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     want = [json.loads(line) for line in single.read_text().splitlines()]

@@ -18,13 +18,13 @@ def _command(out, *extra):
             *tiny_overrides(out), "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
 
 
-def _start_pair(out, *extra, envs=({}, {})):
-    """The same command on two processes, as `launch/` starts it on every worker."""
+def _start_pair(command, outs, *extra, envs=({}, {})):
+    """`command(out, *args)` on two processes of 4 devices (process i writes to outs[i]), as `launch/` starts it."""
     port = _free_port()
     procs = []
     for i in range(2):
-        cmd = _command(out, *extra, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
+        cmd = command(outs[i], *extra, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env=dict(os.environ, **CPU4, **envs[i])))
     return procs
@@ -55,7 +55,7 @@ def test_two_processes_save_on_one_workers_sigterm_resume_and_match_one_process(
                           timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # A maintenance event reaches worker 1 only, after step 5: both workers save step 5 together and exit 0.
-    procs = _start_pair(multi, envs=[{}, {"SIMPO_JAX_SIGTERM_AT_STEP": "5"}])
+    procs = _start_pair(_command, (multi, multi), envs=[{}, {"SIMPO_JAX_SIGTERM_AT_STEP": "5"}])
     outputs = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "process 0 of 2; 8 devices (4 local)" in outputs[0]
@@ -63,7 +63,7 @@ def test_two_processes_save_on_one_workers_sigterm_resume_and_match_one_process(
     assert max(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == 5
     assert not (multi / "summary.json").exists()
     # The relaunched pair resumes from that checkpoint and finishes exactly as one process with 8 devices.
-    procs = _start_pair(multi)
+    procs = _start_pair(_command, (multi, multi))
     outputs = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "resumed from the checkpoint of step 5" in outputs[0]
@@ -85,12 +85,7 @@ def test_two_processes_score_like_one_process(tmp_path):
     proc = subprocess.run(_score_command(single), cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, **CPU8), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    port, procs = _free_port(), []
-    for i in range(2):
-        cmd = _score_command(tmp_path / f"multi{i}.jsonl", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=dict(os.environ, **CPU4)))
+    procs = _start_pair(_score_command, [tmp_path / f"multi{i}.jsonl" for i in range(2)])
     outputs = _finish(procs, timeout=300)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     want = [json.loads(line) for line in single.read_text().splitlines()]
