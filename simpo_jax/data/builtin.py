@@ -14,6 +14,8 @@ import numpy as np
 NUMBERS = 100
 WORDS = ["count", "on", "from", "by", "one", ":"]
 SPECIAL = ["<pad>", "<s>", "</s>"]
+MIN_COUNT = 4  # fewest numbers in a chosen answer
+MAX_COUNT = 11  # most numbers in a chosen answer
 
 
 def counting_rows(n: int, seed: int) -> list[dict[str, str]]:
@@ -21,7 +23,7 @@ def counting_rows(n: int, seed: int) -> list[dict[str, str]]:
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
-        length = int(rng.integers(4, 12))
+        length = int(rng.integers(MIN_COUNT, MAX_COUNT + 1))
         start = int(rng.integers(0, NUMBERS - length - 2))
         correct = list(range(start + 1, start + 1 + length))
         wrong = list(correct)

@@ -1,0 +1,1 @@
+"""Judging generations: length/EOS/repetition metrics, win rates and the exact judge of the counting task."""
