@@ -28,7 +28,13 @@ def get_config() -> ConfigDict:
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, slice=""))
     c.step = ConfigDict(dict(micro_batches=1, logprob_chunk_len=256, reference="model"))
     c.train = ConfigDict(dict(batch_size=128, eval_batch_size=0, num_epochs=1, max_steps=0, seed=0,
-                              output_dir="runs/simpo", eval_every=0, log_every=1))
+                              output_dir="runs/simpo", eval_every=0, log_every=1,
+                              # Greedy answers to the first `generate_prompts` held-out prompts every
+                              # `generate_every` steps (0 = off) and at the end, written to
+                              # <output_dir>/samples/step_<n>.jsonl and judged (see simpo_jax/judging/monitor.py);
+                              # `generate_samples` of them go to TensorBoard as a text table.
+                              generate_every=0, generate_prompts=32, generate_max_new_tokens=256,
+                              generate_samples=4))
     # directory: "" = <output_dir>/checkpoints; may be a gs:// bucket path (Orbax writes it directly).
     c.checkpoint = ConfigDict(dict(directory="", every=200, keep=3, async_save=True))
     c.logging = ConfigDict(dict(tensorboard=True, wandb_project="", progress_bar=True))
@@ -45,5 +51,8 @@ def get_config() -> ConfigDict:
         prompts="", split="test", prompt_column="", apply_chat_template=True, max_prompts=0, dataset_name="",
         checkpoint="", generator="", max_new_tokens=1024, temperature=0.0, top_k=0, top_p=1.0, seed=0,
         num_samples=1, batch_size=16, max_prompt_length=0, prompt_buckets=placeholder(tuple)))
+    # Judging the answers generated during training: reward_model is a Hugging Face *ForSequenceClassification
+    # directory ("" = none); it scores (prompt, answer) pairs `batch_size` at a time, cut to `max_length` tokens.
+    c.judge = ConfigDict(dict(reward_model="", batch_size=8, max_length=2048, dtype="float32"))
     # Fields holding None are typed placeholders, so `--config.<section>.<field>=value` can set them.
     return c

@@ -25,5 +25,7 @@ def get_config():
     c.train.num_epochs = 1
     c.train.eval_every = 32
     c.train.output_dir = "runs/tiny"
+    c.train.generate_every = 32  # greedy answers to 32 held-out prompts, judged exactly (see the README)
+    c.train.generate_max_new_tokens = 16  # the longest correct answer is 11 numbers and EOS
     c.checkpoint.every = 32
     return c

@@ -14,9 +14,12 @@ from simpo_jax.sharding import MeshConfig
 from simpo_jax.step import StepConfig
 
 SECTIONS = ("model", "reference", "data", "loss", "optimizer", "mesh", "step", "train", "checkpoint", "logging",
-            "export", "score", "distributed", "generate")
+            "export", "score", "distributed", "generate", "judge")
 RUN_ONLY = {"data": ("builtin", "builtin_train_rows", "builtin_eval_rows", "tokenizer_path"),
             "model": ("hf_path", "preset")}
+JUDGE_DEFAULTS = {"reward_model": "", "batch_size": 8, "max_length": 2048, "dtype": "float32"}
+GENERATE_DEFAULTS = {"generate_every": 0, "generate_prompts": 32, "generate_max_new_tokens": 256,
+                     "generate_samples": 4}  # train fields: generations during training
 MODEL_RUNTIME = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
@@ -51,7 +54,7 @@ class RunConfig:
     step: StepConfig
     model: dict  # hf_path / preset, runtime options, shape overrides
     run: dict  # the other sections as plain dicts: reference, train, checkpoint, logging, export, score,
-    # distributed, data extras; generate (a GenerateConfig)
+    # distributed, data extras; generate (a GenerateConfig); judge
 
 
 def build_run_config(config: Any) -> RunConfig:
@@ -75,10 +78,37 @@ def build_run_config(config: Any) -> RunConfig:
     run["distributed"] = _section(config, "distributed") if "distributed" in config else {}
     run["data_extras"] = extras
     run["generate"] = typed(GenerateConfig, "generate", _section(config, "generate") if "generate" in config else {})
+    run["train"] = {**GENERATE_DEFAULTS, **run["train"]}
+    run["judge"] = _judge(config, run["train"], data, extras)
     return RunConfig(data=typed(DataConfig, "data", data), loss=typed(LossConfig, "loss", _section(config, "loss")),
                      optimizer=typed(OptimizerConfig, "optimizer", _section(config, "optimizer")),
                      mesh=typed(MeshConfig, "mesh", _section(config, "mesh")),
                      step=typed(StepConfig, "step", _section(config, "step")), model=model, run=run)
+
+
+def _judge(config: Any, train: dict, data: dict, extras: dict) -> dict:
+    """The judge section (defaults where missing), with the train.generate_* fields it goes with, checked."""
+    import os
+
+    for name, least in (("generate_every", 0), ("generate_prompts", 1), ("generate_max_new_tokens", 1),
+                        ("generate_samples", 0)):
+        check(isinstance(train[name], int) and train[name] >= least, "train", name,
+              f"must be an integer >= {least}, got {train[name]!r}")
+    check(not train["generate_every"] or bool(extras.get("builtin")) or bool(data.get("eval_split"))
+          or float(data.get("eval_fraction") or 0) > 0, "train", "generate_every",
+          "generations use the held-out prompts, and this run has no held-out split (set data.eval_split or "
+          "data.eval_fraction, or train.generate_every=0)")
+    judge = {**JUDGE_DEFAULTS, **(_section(config, "judge") if "judge" in config else {})}
+    unknown = sorted(set(judge) - set(JUDGE_DEFAULTS))
+    check(not unknown, "judge", unknown[0] if unknown else "", f"unknown (known: {', '.join(JUDGE_DEFAULTS)})")
+    path = judge["reward_model"]
+    check(not path or os.path.isfile(os.path.join(path, "config.json")), "judge", "reward_model",
+          f"{path}: not a Hugging Face model directory (no config.json)")
+    check(int(judge["batch_size"]) >= 1, "judge", "batch_size", f"must be >= 1, got {judge['batch_size']}")
+    check(int(judge["max_length"]) >= 2, "judge", "max_length", f"must be >= 2, got {judge['max_length']}")
+    check(judge["dtype"] in ("float32", "bfloat16"), "judge", "dtype",
+          f"must be float32 or bfloat16, got {judge['dtype']!r}")
+    return judge
 
 
 def model_config(model: dict, base: ModelConfig | None = None) -> ModelConfig:

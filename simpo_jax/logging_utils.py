@@ -82,6 +82,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(dict(metrics), step=step)
 
+    def log_text(self, step: int, tag: str, markdown: str) -> None:
+        """A text summary (Markdown, e.g. a table) in TensorBoard's Text tab; nothing without TensorBoard."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, markdown, step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

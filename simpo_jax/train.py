@@ -2,7 +2,8 @@
 
 Resumes from the latest complete checkpoint in `train.output_dir`, evaluates on the held-out split, logs
 to metrics.jsonl / TensorBoard, saves on SIGTERM (preemption) and exits 0, stops on a non-finite loss
-keeping the last good checkpoint, and exports a Hugging Face directory at the end.
+keeping the last good checkpoint, and exports a Hugging Face directory at the end. With `train.generate_every`,
+greedy answers to held-out prompts are logged and judged (simpo_jax/judging/monitor.py).
 """
 from __future__ import annotations
 
@@ -121,6 +122,12 @@ def run(config: Any) -> dict[str, float]:
               flush=True)
         sys.exit(0)
     log_every, eval_every = int(train_cfg["log_every"]), int(train_cfg["eval_every"])
+    generate_every, monitor = int(train_cfg["generate_every"]), None
+    if generate_every:  # greedy answers to held-out prompts: the initial model's first (re-read on resume)
+        from simpo_jax.judging.monitor import GenerationMonitor
+
+        monitor = GenerationMonitor(rc, mesh, graphdef, state.params, tokenizer, logger)
+        monitor.initial(state.params, resumed=start > 0)
     bar = _progress(start, total, main and log_cfg["progress_bar"])
     last_saved = start
     for step in range(start + 1, total + 1):
@@ -136,7 +143,10 @@ def run(config: Any) -> dict[str, float]:
         if eval_data is not None and eval_every and step % eval_every == 0 and step != total:
             metrics |= evaluate(eval_steps, state.params, eval_data, rc.data, eval_batch, tokenizer.pad_token_id,
                                 sharding, ref)
-        if step % log_every == 0 or step == total:
+        generated = monitor is not None and step % generate_every == 0 and step != total
+        if generated:  # done (on the host) before the next step, which may donate these params
+            metrics |= monitor.at_step(step, state.params)
+        if step % log_every == 0 or step == total or generated:
             logger.log(step, metrics)
         if bar is not None:
             bar.update(1)
@@ -163,6 +173,9 @@ def run(config: Any) -> dict[str, float]:
     if eval_data is not None:
         final = evaluate(eval_steps, state.params, eval_data, rc.data, eval_batch, tokenizer.pad_token_id,
                          sharding, ref)
+    if monitor is not None:  # the last answers, judged against the initial model's
+        final |= monitor.final(total, state.params)
+    if final:
         logger.log(total, final)
     logger.close()
     export = rc.run["export"]
