@@ -40,26 +40,32 @@ def _pick(axes: list[dict[str, Any]]) -> tuple[dict, dict, list[dict]]:
     return x, y, [a for a in axes if a is not x and a is not y]
 
 
-def _accuracy_bars(axis: dict[str, Any], rows: list[dict[str, Any]], path: str) -> None:
+def _bars(axis: dict[str, Any], rows: list[dict[str, Any]], path: str, key: str, label: str, title: str) -> None:
     """One swept axis: a bar per value."""
     labels = [" / ".join(v) for v in axis["values"]]
     acc = [math.nan] * len(labels)
     for row in rows:
-        acc[_coord(row, axis)] = _value(row, ACC)
+        acc[_coord(row, axis)] = _value(row, key)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 4))
     ax.bar(range(len(labels)), np.nan_to_num(acc), color="tab:blue")
     for i, a in enumerate(acc):
         ax.text(i, (0 if math.isnan(a) else a) + 0.02, "n/a" if math.isnan(a) else f"{a:.2f}", ha="center")
     ax.set_xticks(range(len(labels)), labels)
-    ax.set(ylim=(0, 1.1), xlabel=_short(axis["fields"]), ylabel="held-out reward accuracy",
-           title="held-out reward accuracy (end of run)")
+    ax.set(ylim=(0, 1.1), xlabel=_short(axis["fields"]), ylabel=label, title=title)
     _save(fig, path)
 
 
 def accuracy_plot(axes: list[dict[str, Any]], rows: list[dict[str, Any]], path: str) -> None:
     """Heatmap of final held-out reward accuracy over two axes (one panel per value of the others); bars for one."""
+    grid_plot(axes, rows, path, ACC, "held-out reward accuracy", "held-out reward accuracy (end of run)")
+
+
+def grid_plot(axes: list[dict[str, Any]], rows: list[dict[str, Any]], path: str, key: str, label: str,
+              title: str) -> None:
+    """Heatmap of the finished runs' `key` (a share, 0 to 1) over β × γ/β (or the first two axes; one panel per
+    combination of the other axes); bars for a single axis."""
     if len(axes) == 1:
-        _accuracy_bars(axes[0], rows, path)
+        _bars(axes[0], rows, path, key, label, title)
         return
     x, y, rest = _pick(axes)
     panels = list(itertools.product(*(range(len(a["values"])) for a in rest)))
@@ -72,7 +78,7 @@ def accuracy_plot(axes: list[dict[str, Any]], rows: list[dict[str, Any]], path: 
         acc = np.full((len(y["values"]), len(x["values"])), np.nan)
         for row in rows:
             if all(_coord(row, a) == i for a, i in zip(rest, panel)):
-                acc[_coord(row, y), _coord(row, x)] = _value(row, ACC)
+                acc[_coord(row, y), _coord(row, x)] = _value(row, key)
         image = ax.imshow(np.ma.masked_invalid(acc), origin="lower", cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for (i, j), a in np.ndenumerate(acc):
             ax.text(j, i, "n/a" if np.isnan(a) else f"{a:.2f}", ha="center", va="center",
@@ -83,8 +89,8 @@ def accuracy_plot(axes: list[dict[str, Any]], rows: list[dict[str, Any]], path: 
                title=", ".join(f"{_short(a['fields'])}={' / '.join(a['values'][i])}" for a, i in zip(rest, panel)))
     for ax in list(grid.flat)[len(panels):]:
         ax.axis("off")
-    fig.colorbar(image, ax=grid.ravel().tolist(), label="held-out reward accuracy")
-    fig.suptitle("held-out reward accuracy (end of run)")
+    fig.colorbar(image, ax=grid.ravel().tolist(), label=label)
+    fig.suptitle(title)
     _save(fig, path)
 
 
