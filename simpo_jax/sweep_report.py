@@ -21,14 +21,16 @@ REPORT_DIR = "report"
 # Metrics of the answers train samples (at some steps and at the end), by their metrics.jsonl names, with their
 # headers in the Markdown table. Win rates are against the initial model's answers (LC: length-controlled).
 GEN = {"gen/length_mean": "length", "gen/eos_rate": "eos rate", "gen/repetition": "repetition",
-       "gen/reward_mean": "reward", "gen/task_accuracy": "task accuracy", "gen/win_rate": "win rate",
+       "gen/reward_mean": "reward", "gen/task_accuracy": "task accuracy",
+       "gen/task_win_rate": "task win rate", "gen/win_rate": "win rate",
        "gen/win_rate_lc": "LC win rate", "gen/length_mean_initial": "initial length",
        "gen/reward_mean_initial": "initial reward", "gen/task_accuracy_initial": "initial task accuracy"}
 GEN_NOTE = ("Generated answers: each run's last logged generation metrics (length: mean tokens per answer; eos "
-            "rate: share of answers that ended with EOS; repetition: share of n-grams repeated within an answer; "
-            "win rates: against the initial model's answers to the same prompts, ties half, LC = length-controlled; "
-            "initial: the initial model's answers). Blank: not logged by that run; an incomplete run's figures are "
-            "from its last sampling before it stopped.")
+            "rate: share of answers that ended with EOS; repetition: share of repeated 4-grams; win rates: against "
+            "the initial model's answers to the same prompts, ties half; task win rate: correct where the initial "
+            "answer is not; win rate: by the reward model, else the task win rate; LC: length-controlled; initial: "
+            "the initial model's answers). Blank: not logged by that run; an incomplete run's figures are from its "
+            "last sampling before it stopped.")
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:

@@ -51,7 +51,7 @@ def _gen(step, length, acc, **final):
 
 
 def _end(win, lc):
-    return {"gen/win_rate": win, "gen/win_rate_lc": lc, "gen/length_mean_initial": 12.0,
+    return {"gen/task_win_rate": 0.5, "gen/win_rate": win, "gen/win_rate_lc": lc, "gen/length_mean_initial": 12.0,
             "gen/task_accuracy_initial": 0.25}
 
 
@@ -100,7 +100,7 @@ def test_gen_columns_are_the_last_logged_values_and_the_plots_are_written(tmp_pa
     first = rows[names[0]]
     assert {k: first[k] for k in first if k.startswith("gen/")} == {
         "gen/length_mean": "31.5", "gen/eos_rate": "0.5", "gen/repetition": "0.125", "gen/task_accuracy": "0.625",
-        "gen/win_rate": "0.75", "gen/win_rate_lc": "0.5", "gen/length_mean_initial": "12.0",
+        "gen/task_win_rate": "0.5", "gen/win_rate": "0.75", "gen/win_rate_lc": "0.5", "gen/length_mean_initial": "12.0",
         "gen/task_accuracy_initial": "0.25"}  # no run logged gen/reward_mean*: no such columns
     assert all(v == "" for k, v in rows[names[1]].items() if k.startswith("gen/"))
     assert (rows[names[2]]["gen/length_mean"], rows[names[2]]["gen/win_rate"]) == ("15.0", "")
@@ -112,10 +112,11 @@ def test_gen_columns_are_the_last_logged_values_and_the_plots_are_written(tmp_pa
     assert "Generated answers:" in md
     cols, table = _table(md, "| run | status | loss.beta | loss.gamma_beta_ratio | length")
     assert cols == ["run", "status", "loss.beta", "loss.gamma_beta_ratio", "length", "eos rate", "repetition",
-                    "task accuracy", "win rate", "LC win rate", "initial length", "initial task accuracy"]
+                    "task accuracy", "task win rate", "win rate", "LC win rate", "initial length",
+                    "initial task accuracy"]
     assert table[names[0]] == {"run": names[0], "status": "finished", "loss.beta": "2", "loss.gamma_beta_ratio": "0.3",
                                "length": "31.5", "eos rate": "0.5", "repetition": "0.125", "task accuracy": "0.625",
-                               "win rate": "0.75", "LC win rate": "0.5", "initial length": "12",
+                               "task win rate": "0.5", "win rate": "0.75", "LC win rate": "0.5", "initial length": "12",
                                "initial task accuracy": "0.25"}
     assert set(table[names[1]].values()) == {names[1], "finished", "2", "0.5", ""}
     assert (table[names[2]]["status"], table[names[2]]["length"], table[names[2]]["win rate"]) == \
