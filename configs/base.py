@@ -32,7 +32,8 @@ def get_config() -> ConfigDict:
                               # Greedy answers to the first `generate_prompts` held-out prompts every
                               # `generate_every` steps (0 = off) and at the end, written to
                               # <output_dir>/samples/step_<n>.jsonl and judged (see simpo_jax/judging/monitor.py);
-                              # `generate_samples` of them go to TensorBoard as a text table.
+                              # `generate_samples` of them go to TensorBoard as a text table. Batching, prompt
+                              # buckets and the prompt column follow the generate section below.
                               generate_every=0, generate_prompts=32, generate_max_new_tokens=256,
                               generate_samples=4))
     # directory: "" = <output_dir>/checkpoints; may be a gs:// bucket path (Orbax writes it directly).

@@ -115,13 +115,13 @@ def test_reward_model_judges_against_the_initial_answers(tmp_path):
     rm.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     out = tmp_path / "run"
-    config = tiny_config(out, **{**GEN, "train.max_steps": 4, "export.enabled": False})
+    config = tiny_config(out, **{**GEN, "export.enabled": False})  # the programs of the test above (compile cache)
     config.judge.reward_model = str(tmp_path / "rm")
     config.judge.batch_size = 4
     final = run(config)
     assert {"gen/win_rate", "gen/win_rate_lc", "gen/reward_mean", "gen/reward_mean_initial",
             "gen/task_win_rate"} <= set(final)
-    ours, theirs = _samples(out, 4), _samples(out, 0)
+    ours, theirs = _samples(out, STEPS), _samples(out, 0)
     assert final["gen/reward_mean"] == pytest.approx(np.mean([r["reward"] for r in ours]))
     assert final["gen/reward_mean_initial"] == pytest.approx(np.mean([r["reward"] for r in theirs]))
     rates = win_rates([r["reward"] for r in ours], [r["reward"] for r in theirs], [r["tokens"] for r in ours],

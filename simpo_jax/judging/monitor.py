@@ -4,7 +4,9 @@ train.run builds a `GenerationMonitor` when `train.generate_every` > 0. The prom
 `train.generate_prompts` rows of the run's held-out split (the built-in task's included), rendered as training
 renders prompts (simpo_jax/generate/prompts.py). Answers are greedy, at most `train.generate_max_new_tokens`
 tokens, sampled on the training mesh with the current params (no copy); every process runs the sampler (SPMD)
-and process 0 writes.
+and process 0 writes. The generate section's prompt_column, apply_chat_template, batch_size, max_prompt_length
+and prompt_buckets apply (its prompt source and sampling settings do not). The reward model, when set, is
+loaded at its first use and kept on the mesh for the rest of the run.
 
 Files: `<output_dir>/samples/step_<n>.jsonl`, one JSON line per prompt: `prompt_id`, `prompt` (the instruction
 text), `answer` (decoded, special tokens skipped), `tokens` (answer tokens, EOS excluded), `stopped` (ended with
@@ -39,7 +41,6 @@ from simpo_jax.judging.metrics import generation_metrics
 from simpo_jax.judging.winrate import win_rates
 
 SAMPLES_DIR = "samples"
-MAX_BATCH = 32  # prompts per sampler batch
 
 
 def held_out_rows(rc: Any, gen: Any) -> tuple[list[dict], str]:
@@ -101,7 +102,7 @@ class GenerationMonitor:
         model_eos = model.cfg.eos_token_id
         eos = {tokenizer.eos_token_id} | set(np.atleast_1d(model_eos).tolist() if model_eos is not None else ())
         self.sampler = Sampler(model, SamplingParams(max_new_tokens=gen.max_new_tokens),
-                               batch_size=min(len(self.prompts), MAX_BATCH),
+                               batch_size=min(len(self.prompts), gen.batch_size),
                                buckets=gen.buckets(rc.data.max_prompt_length),
                                eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,
                                bos_id=tokenizer.bos_token_id, mesh=mesh)
