@@ -79,14 +79,14 @@ def build_run_config(config: Any) -> RunConfig:
     run["data_extras"] = extras
     run["generate"] = typed(GenerateConfig, "generate", _section(config, "generate") if "generate" in config else {})
     run["train"] = {**GENERATE_DEFAULTS, **run["train"]}
-    run["judge"] = _judge(config, run["train"], data, extras)
+    run["judge"] = _judge(config, run["train"])
     return RunConfig(data=typed(DataConfig, "data", data), loss=typed(LossConfig, "loss", _section(config, "loss")),
                      optimizer=typed(OptimizerConfig, "optimizer", _section(config, "optimizer")),
                      mesh=typed(MeshConfig, "mesh", _section(config, "mesh")),
                      step=typed(StepConfig, "step", _section(config, "step")), model=model, run=run)
 
 
-def _judge(config: Any, train: dict, data: dict, extras: dict) -> dict:
+def _judge(config: Any, train: dict) -> dict:
     """The judge section (defaults where missing), with the train.generate_* fields it goes with, checked."""
     import os
 
@@ -94,10 +94,6 @@ def _judge(config: Any, train: dict, data: dict, extras: dict) -> dict:
                         ("generate_samples", 0)):
         check(isinstance(train[name], int) and train[name] >= least, "train", name,
               f"must be an integer >= {least}, got {train[name]!r}")
-    check(not train["generate_every"] or bool(extras.get("builtin")) or bool(data.get("eval_split"))
-          or float(data.get("eval_fraction") or 0) > 0, "train", "generate_every",
-          "generations use the held-out prompts, and this run has no held-out split (set data.eval_split or "
-          "data.eval_fraction, or train.generate_every=0)")
     judge = {**JUDGE_DEFAULTS, **(_section(config, "judge") if "judge" in config else {})}
     unknown = sorted(set(judge) - set(JUDGE_DEFAULTS))
     check(not unknown, "judge", unknown[0] if unknown else "", f"unknown (known: {', '.join(JUDGE_DEFAULTS)})")
@@ -109,6 +105,14 @@ def _judge(config: Any, train: dict, data: dict, extras: dict) -> dict:
     check(judge["dtype"] in ("float32", "bfloat16"), "judge", "dtype",
           f"must be float32 or bfloat16, got {judge['dtype']!r}")
     return judge
+
+
+def check_generations(rc: RunConfig) -> None:
+    """Training with train.generate_every needs a held-out split (its prompts); checked before anything loads."""
+    has_held_out = bool(rc.run["data_extras"].get("builtin")) or bool(rc.data.eval_split) or rc.data.eval_fraction > 0
+    check(not rc.run["train"]["generate_every"] or has_held_out, "train", "generate_every",
+          "generations use the held-out prompts, and this run has no held-out split (set data.eval_split or "
+          "data.eval_fraction, or train.generate_every=0)")
 
 
 def model_config(model: dict, base: ModelConfig | None = None) -> ModelConfig:

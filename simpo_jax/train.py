@@ -26,7 +26,7 @@ from simpo_jax import distributed
 from simpo_jax.build import build_model, load_data, load_reference, tokenizer_dir
 from simpo_jax.checkpoint import Checkpointer
 from simpo_jax.cli import run_command
-from simpo_jax.config import build_run_config
+from simpo_jax.config import build_run_config, check_generations
 from simpo_jax.data import BatchIterator
 from simpo_jax.logging_utils import MetricsLogger, truncate_metrics
 from simpo_jax.models.hf_export import export_hf
@@ -71,6 +71,7 @@ def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, r
 def run(config: Any) -> dict[str, float]:
     """Train as configured; returns the final held-out metrics (empty without a held-out split)."""
     rc = build_run_config(config)
+    check_generations(rc)
     preemption = _Preemption()  # from the start: a SIGTERM while loading or compiling is honoured too
     distributed.initialize(rc.run["distributed"])  # before anything touches a device
     preemption.install()  # after it: JAX's distributed runtime replaces the handler with its own
