@@ -83,6 +83,14 @@ def _config_values(overrides: list[str]):
     return apply(factory(), dict(o[len("--config."):].split("=", 1) for o in overrides))
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/smollm2_report", help="output directory (relative to the repository)")
@@ -112,14 +120,16 @@ def main() -> None:
     ]
     if os.path.exists(os.path.join(run, "summary.json")):
         sys.exit(f"{run} holds a finished run: remove it or pass another --out")
-    times = {}
+    times, loads = {}, [os.getloadavg()[0]]
     for name, cmd, log in steps:
         print(f"{name}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
         times[name] = _command(cmd, os.path.join(out, log))
+        loads.append(os.getloadavg()[0])
     t = time.time()
     before = _greedy(initial, PROMPTS, args.max_new_tokens)
     after = _greedy(os.path.join(run, "hf"), PROMPTS, args.max_new_tokens)
     times["greedy answers"] = time.time() - t
+    loads.append(os.getloadavg()[0])
 
     beta = float(c.loss.beta)
     rows = {"initial": _summary(f"{out}/scores_initial.jsonl", beta),
@@ -129,8 +139,9 @@ def main() -> None:
     overrides_text = (" " + " ".join(overrides)) if overrides else ""
     lines = [
         f"`python benchmarks/smollm2_report.py{overrides_text}` ({time.strftime('%Y-%m-%d', time.gmtime())}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs: times are inflated; "
-        f"{(time.time() - start) / 60:.1f} min in all)",
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_model()}; {(time.time() - start) / 60:.1f} min in all; "
+        f"1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run, sampled at each stage's end: "
+        f"above {os.cpu_count()} means other jobs shared the CPUs and inflated the times)",
         "",
         f"Training: {len(metrics)} steps of {c.train.batch_size} pairs, β {c.loss.beta}, γ/β "
         f"{c.loss.gamma_beta_ratio}, learning rate {c.optimizer.learning_rate:g}, max_length "

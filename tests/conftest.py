@@ -1,11 +1,14 @@
 """Shared test helpers: tiny Hugging Face reference models and multi-device subprocess runs."""
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -13,6 +16,12 @@ import pytest
 DEVICES_ENV = "SIMPO_TEST_DEVICES"
 # The tests run on CPU (also where libtpu is installed for the ahead-of-time TPU compile test).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One JAX compilation cache for the session, shared by this process and every command the tests start: the
+# many short runs of the same tiny programs (resume, score, sweeps, multi-device reruns) compile each once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="simpo-jax-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 # Tiny configurations of each supported family (transformers kwargs).
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

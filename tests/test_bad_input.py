@@ -62,7 +62,7 @@ def _command(module, tmp, out, *extra, env=None):
             "data.eval_split": "", "model.vocab_size": 1024, "model.hidden_size": 32, "model.intermediate_size": 64,
             "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1, "train.batch_size": 4,
             "train.max_steps": 2, "train.eval_every": 0, "train.output_dir": str(out), "export.enabled": False,
-            "logging.progress_bar": False, "score.split": "train"}
+            "logging.progress_bar": False, "score.split": "train", "train.generate_every": 0}
     cmd = [sys.executable, "-m", module, "--config", str(ROOT / "configs" / "tiny.py"),
            *[f"--config.{k}={v}" for k, v in args.items()], *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

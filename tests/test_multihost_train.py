@@ -15,7 +15,8 @@ CPU4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS"
 
 def _command(out, *extra):
     return [sys.executable, "-m", "simpo_jax.train", "--config", str(ROOT / "configs" / "tiny.py"),
-            *tiny_overrides(out), "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
+            *tiny_overrides(out), "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+            "--config.train.generate_every=6", *extra]  # greedy answers on both processes, step_0's re-read
 
 
 def _start_pair(command, outs, *extra, envs=({}, {})):

@@ -22,7 +22,8 @@ def tiny_overrides(out, **extra):
     values = {"train.output_dir": str(out), "data.builtin_train_rows": 256, "data.builtin_eval_rows": 32,
               "train.batch_size": 8, "train.max_steps": 12, "train.eval_every": 0, "checkpoint.every": 4,
               "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 2,
-              "model.num_kv_heads": 1, "step.logprob_chunk_len": 32, "logging.progress_bar": False, **extra}
+              "model.num_kv_heads": 1, "step.logprob_chunk_len": 32, "logging.progress_bar": False,
+              "train.generate_every": 0, **extra}  # generations: tests/test_train_generations.py
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
