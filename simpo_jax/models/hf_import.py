@@ -105,12 +105,20 @@ def load_hf(path: str, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, A
         if strict:
             raise CheckpointError(message)
         warnings.warn(message, stacklevel=2)
-    dtype = np.dtype(cfg.weight_dtype)
+    entries = {id(var): (entry, tuple(var.shape)) for entry, var in iter_params(cfg, abstract)}
     shardings = state_shardings(abstract, mesh, rules) if mesh is not None else None
-    entries = {id(var): entry for entry, var in iter_params(cfg, abstract)}
+    state = read_state(reader, abstract, entries, np.dtype(cfg.weight_dtype), shardings)
+    log.info("loaded %s (%d parameters) from %s", cfg.model_type, cfg.num_params(), path)
+    return nnx.merge(graphdef, state)
+
+
+def read_state(reader: CheckpointReader, abstract: Any, entries: dict[int, tuple[Any, tuple[int, ...]]],
+               dtype: np.dtype, shardings: Any = None) -> Any:
+    """`abstract`'s arrays read from the files (`entries`: each variable's id -> its HF entry and our shape); with
+    `shardings`, each device reads only its own block."""
 
     def load(var: nnx.Variable, sharding: Any = None) -> nnx.Variable:
-        entry, shape = entries[id(var)], tuple(var.shape)
+        entry, shape = entries[id(var)]
         if sharding is None:
             return var.replace(jnp.asarray(_read_block(reader, entry, shape, (), dtype)))
         array = jax.make_array_from_callback(
@@ -120,8 +128,5 @@ def load_hf(path: str, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, A
 
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     if shardings is None:
-        state = jax.tree.map(load, abstract, is_leaf=is_var)
-    else:
-        state = jax.tree.map(load, abstract, shardings, is_leaf=is_var)
-    log.info("loaded %s (%d parameters) from %s", cfg.model_type, cfg.num_params(), path)
-    return nnx.merge(graphdef, state)
+        return jax.tree.map(load, abstract, is_leaf=is_var)
+    return jax.tree.map(load, abstract, shardings, is_leaf=is_var)

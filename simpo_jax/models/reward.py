@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from simpo_jax.models.config import ModelConfig, from_hf_dict
 from simpo_jax.models.decoder import Decoder
-from simpo_jax.models.hf_import import _read_block, check_checkpoint, resolve_model_dir
+from simpo_jax.models.hf_import import check_checkpoint, read_state, resolve_model_dir
 from simpo_jax.models.layers import make_param
 from simpo_jax.models.safetensors_io import CheckpointError, CheckpointReader
 from simpo_jax.models.weight_map import LINEAR, ParamEntry, _key, param_entry
@@ -108,21 +108,8 @@ def load_reward_model(path: str, dtype: str = "float32", mesh: Mesh | None = Non
     if unused:
         warnings.warn(f"{path}: {len(unused)} tensor(s) not used by the reward model: {', '.join(unused[:8])}"
                       + (" ..." if len(unused) > 8 else ""), stacklevel=2)
-    weight_dtype = np.dtype(cfg.weight_dtype)
     entries = _entries(cfg.replace(tie_word_embeddings=True), abstract)
-
-    def load(var: nnx.Variable, sharding: Any = None) -> nnx.Variable:
-        entry, shape = entries[id(var)]
-        if sharding is None:
-            return var.replace(jnp.asarray(_read_block(reader, entry, shape, (), weight_dtype)))
-        array = jax.make_array_from_callback(shape, sharding.get_value(),
-                                             lambda index: _read_block(reader, entry, shape, index, weight_dtype))
-        return var.replace(array)
-
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    if mesh is None:
-        state = jax.tree.map(load, abstract, is_leaf=is_var)
-    else:
-        state = jax.tree.map(load, abstract, state_shardings(abstract, mesh, DEFAULT_RULES), is_leaf=is_var)
+    shardings = state_shardings(abstract, mesh, DEFAULT_RULES) if mesh is not None else None
+    state = read_state(reader, abstract, entries, np.dtype(cfg.weight_dtype), shardings)
     log.info("loaded reward model %s (%d labels) from %s", cfg.model_type, num_labels, path)
     return nnx.merge(graphdef, state)
