@@ -47,16 +47,24 @@ HF_VARIANTS = {
 
 def make_hf_model(variant: str, out_dir, seed: int = 0, **overrides):
     """Build, save (fp32 safetensors) and return a tiny random transformers model of `variant`."""
+    return _make_tiny(variant, out_dir, seed, "ForCausalLM", overrides)
+
+
+def make_reward_model(variant: str, out_dir, num_labels: int = 1, seed: int = 0, **overrides):
+    """The same as a `*ForSequenceClassification` reward model (pad id 0)."""
+    return _make_tiny(variant, out_dir, seed, "ForSequenceClassification",
+                      {"num_labels": num_labels, "pad_token_id": 0, **overrides})
+
+
+def _make_tiny(variant: str, out_dir, seed: int, head: str, overrides: dict):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
 
     family, extra = HF_VARIANTS[variant]
     kwargs = {**TINY, **extra, **overrides}
     torch.manual_seed(seed)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    else:
-        model = MistralForCausalLM(MistralConfig(**kwargs))
+    name = "Llama" if family == "llama" else "Mistral"
+    model = getattr(transformers, name + head)(getattr(transformers, name + "Config")(**kwargs))
     model.config._attn_implementation = "eager"
     model.eval()
     model.save_pretrained(str(out_dir))

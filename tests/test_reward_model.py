@@ -4,30 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import HF_VARIANTS, TINY, multi_device, right_padded_batch
+from conftest import TINY, make_reward_model, multi_device, right_padded_batch
 from simpo_jax.errors import UserError
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %} count {{ m['content'] }}"
             "{% else %} : {{ m['content'] }} </s>{% endif %}{% endfor %}")
-
-
-def make_reward_model(variant: str, out_dir, num_labels: int = 1, seed: int = 0, **overrides):
-    """Build, save (fp32) and return a tiny transformers reward model of `variant` (pad id 0)."""
-    import torch
-    from transformers import (LlamaConfig, LlamaForSequenceClassification, MistralConfig,
-                              MistralForSequenceClassification)
-
-    family, extra = HF_VARIANTS[variant]
-    kwargs = {**TINY, **extra, "num_labels": num_labels, "pad_token_id": 0, **overrides}
-    torch.manual_seed(seed)
-    if family == "llama":
-        model = LlamaForSequenceClassification(LlamaConfig(**kwargs))
-    else:
-        model = MistralForSequenceClassification(MistralConfig(**kwargs))
-    model.config._attn_implementation = "eager"
-    model.eval()
-    model.save_pretrained(str(out_dir))
-    return model
 
 
 def torch_scores(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
