@@ -53,7 +53,13 @@ def get_config() -> ConfigDict:
         checkpoint="", generator="", max_new_tokens=1024, temperature=0.0, top_k=0, top_p=1.0, seed=0,
         num_samples=1, batch_size=16, max_prompt_length=0, prompt_buckets=placeholder(tuple)))
     # Judging the answers generated during training: reward_model is a Hugging Face *ForSequenceClassification
-    # directory ("" = none); it scores (prompt, answer) pairs `batch_size` at a time, cut to `max_length` tokens.
+    # directory or Hub id ("" = none); it scores (prompt, answer) pairs `batch_size` at a time, cut to `max_length`
+    # tokens.
     c.judge = ConfigDict(dict(reward_model="", batch_size=8, max_length=2048, dtype="float32"))
+    # On-policy preference data (`python -m simpo_jax.onpolicy`): one sample per seed for every prompt of each
+    # split of generate.prompts (sampled with the generate section's settings), scored by judge.reward_model;
+    # the best and worst become chosen and rejected. See simpo_jax/onpolicy/config.py.
+    c.onpolicy = ConfigDict(dict(seeds=(13, 21, 42, 79, 100), splits=("train_prefs", "test_prefs"), shard_prompts=256,
+                                 min_score_gap=0.0))
     # Fields holding None are typed placeholders, so `--config.<section>.<field>=value` can set them.
     return c

@@ -9,12 +9,13 @@ from simpo_jax.errors import ConfigError, check
 from simpo_jax.generate.config import GenerateConfig
 from simpo_jax.losses import LossConfig
 from simpo_jax.models.config import ModelConfig
+from simpo_jax.onpolicy.config import OnPolicyConfig
 from simpo_jax.optim import OptimizerConfig
 from simpo_jax.sharding import MeshConfig
 from simpo_jax.step import StepConfig
 
 SECTIONS = ("model", "reference", "data", "loss", "optimizer", "mesh", "step", "train", "checkpoint", "logging",
-            "export", "score", "distributed", "generate", "judge")
+            "export", "score", "distributed", "generate", "judge", "onpolicy")
 RUN_ONLY = {"data": ("builtin", "builtin_train_rows", "builtin_eval_rows", "tokenizer_path"),
             "model": ("hf_path", "preset")}
 JUDGE_DEFAULTS = {"reward_model": "", "batch_size": 8, "max_length": 2048, "dtype": "float32"}
@@ -36,7 +37,7 @@ def typed(cls: type, name: str, values: dict) -> Any:
         raise ConfigError(f"{name} config field {unknown[0]!r}: unknown (known: {', '.join(sorted(fields))})")
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in values.items() if v is not None or defaults[k] is None}  # None: the default
-    for key in ("bucket_lengths", "prompt_buckets"):
+    for key in ("bucket_lengths", "prompt_buckets", "seeds", "splits"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
     obj = cls(**kwargs)
@@ -54,7 +55,7 @@ class RunConfig:
     step: StepConfig
     model: dict  # hf_path / preset, runtime options, shape overrides
     run: dict  # the other sections as plain dicts: reference, train, checkpoint, logging, export, score,
-    # distributed, data extras; generate (a GenerateConfig); judge
+    # distributed, data extras; generate (a GenerateConfig); judge; onpolicy (an OnPolicyConfig)
 
 
 def build_run_config(config: Any) -> RunConfig:
@@ -80,6 +81,7 @@ def build_run_config(config: Any) -> RunConfig:
     run["generate"] = typed(GenerateConfig, "generate", _section(config, "generate") if "generate" in config else {})
     run["train"] = {**GENERATE_DEFAULTS, **run["train"]}
     run["judge"] = _judge(config, run["train"])
+    run["onpolicy"] = typed(OnPolicyConfig, "onpolicy", _section(config, "onpolicy") if "onpolicy" in config else {})
     return RunConfig(data=typed(DataConfig, "data", data), loss=typed(LossConfig, "loss", _section(config, "loss")),
                      optimizer=typed(OptimizerConfig, "optimizer", _section(config, "optimizer")),
                      mesh=typed(MeshConfig, "mesh", _section(config, "mesh")),
@@ -98,7 +100,8 @@ def _judge(config: Any, train: dict) -> dict:
     unknown = sorted(set(judge) - set(JUDGE_DEFAULTS))
     check(not unknown, "judge", unknown[0] if unknown else "", f"unknown (known: {', '.join(JUDGE_DEFAULTS)})")
     path = judge["reward_model"]
-    check(not path or os.path.isfile(os.path.join(path, "config.json")), "judge", "reward_model",
+    local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)  # else a Hub id, fetched at use
+    check(not path or not local or os.path.isfile(os.path.join(path, "config.json")), "judge", "reward_model",
           f"{path}: not a Hugging Face model directory (no config.json)")
     check(int(judge["batch_size"]) >= 1, "judge", "batch_size", f"must be >= 1, got {judge['batch_size']}")
     check(int(judge["max_length"]) >= 2, "judge", "max_length", f"must be >= 2, got {judge['max_length']}")

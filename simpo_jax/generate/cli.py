@@ -127,6 +127,17 @@ def prompt_key(prompt_id: str) -> int:
     return zlib.crc32(prompt_id.encode()) & 0x7FFFFFFF
 
 
+def build_sampler(rc: RunConfig, model: Decoder, tokenizer: Any, mesh: Any) -> Sampler:
+    """The generate section's sampler: its settings, batch and buckets; EOS = the tokenizer's and the model's."""
+    gen = rc.run["generate"]
+    config_eos = model.cfg.eos_token_id
+    eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
+    params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, gen.seed)
+    return Sampler(model, params, batch_size=gen.batch_size, buckets=gen.buckets(rc.data.max_prompt_length),
+                   eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,
+                   bos_id=tokenizer.bos_token_id, mesh=mesh)
+
+
 def generate(config: Any, output: str) -> int:
     """Write the samples missing from `output`; returns how many were written."""
     rc = build_run_config(config)
@@ -141,13 +152,7 @@ def generate(config: Any, output: str) -> int:
     todo = _todo(prompts, gen.num_samples, output)
     if not todo:
         return 0
-    model = load_model(rc, mesh, tokenizer, source)
-    config_eos = model.cfg.eos_token_id
-    eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
-    params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, gen.seed)
-    sampler = Sampler(model, params, batch_size=gen.batch_size, buckets=gen.buckets(rc.data.max_prompt_length),
-                      eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,
-                      bos_id=tokenizer.bos_token_id, mesh=mesh)
+    sampler = build_sampler(rc, load_model(rc, mesh, tokenizer, source), tokenizer, mesh)
     generator = gen.generator or os.path.basename(os.path.normpath(source or rc.model.get("preset") or "model"))
     bar = None
     if main and rc.run["logging"]["progress_bar"]:
