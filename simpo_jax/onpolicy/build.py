@@ -144,6 +144,7 @@ class Builder:
         manifest = check_manifest(self.output, settings(self.rc, self.source, self.stage)) if self.main else {}
         if self.main:
             write_manifest(self.output, manifest)
+            remove_partial_files(self.output)
         plans, seen = [], set()
         for split in self.op.splits:
             rows, name = load_split_rows(split, self.rc.run["generate"], self.rc.data, self.rc.run["data_extras"])
@@ -262,6 +263,15 @@ class Builder:
         rows, skipped = binarize(records, self.op.min_score_gap)
         write_lines(os.path.join(self.output, f"{split}.jsonl"), rows)
         fill_summary(summary, records, rows, skipped)
+
+
+def remove_partial_files(output: str) -> None:
+    """Delete the temporary files a killed run left behind (a shard it was writing when it died)."""
+    for kind in ("samples", "scored"):
+        for root, _, names in os.walk(os.path.join(output, kind)):
+            for name in names:
+                if name.startswith(".tmp-"):
+                    os.remove(os.path.join(root, name))
 
 
 def check_ids(records: list[dict], expected: list[str], path: str) -> None:
