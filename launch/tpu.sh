@@ -11,8 +11,13 @@
 #   train    on every worker (--worker=all): the same python -m simpo_jax.train --config ... command,
 #            detached, logging to ~/simpo_jax_<run>.log; checkpoints in gs://BUCKET/RUN/checkpoints and,
 #            when the run ends, the run directory (metrics, TensorBoard, HF export) in gs://BUCKET/RUN/output
-#   logs     stream worker 0's training log
-#   stop     SIGTERM the training on every worker: it saves a checkpoint of the current step and exits
+#   onpolicy on every worker: python -m simpo_jax.onpolicy --config ... --stage STAGE (on-policy preference data:
+#            sample, score, binarize), detached like train; worker 0 first copies gs://BUCKET/RUN/output (the
+#            shards of an earlier, stopped run) into its output directory, so a new slice resumes it; when the
+#            command ends the output directory goes back to gs://BUCKET/RUN/output
+#   logs     stream worker 0's training (or onpolicy) log
+#   stop     SIGTERM the training on every worker: it saves a checkpoint of the current step and exits (an
+#            onpolicy run stops too: its finished shards are kept, the current one is redone on resume)
 #   status   describe the TPU VM / queued resource
 #   delete   delete the TPU VM / queued resource
 #
@@ -31,11 +36,12 @@
 #   --env-from-host NAME        copy NAME's value from this shell to every worker, never printed (setup; repeatable)
 #   --config FILE[:SLICE]       config file in the repo, e.g. configs/llama3_8b_instruct.py:v5p-16 (train)
 #   --bucket gs://BUCKET        where checkpoints and outputs go (train)
-#   --run NAME                  run name, may contain / (train, logs; default: the config file's name)
+#   --run NAME                  run name, may contain / (train, onpolicy, logs; default: the config file's name)
+#   --stage STAGE               onpolicy: all (sample and score), sample or score (default all)
 #   --wait                      train in the foreground: return when every worker is done, with its status
 #   --fetch DIR                 with --wait: then copy gs://BUCKET/RUN/output to the local DIR (e.g. for sweeps)
 #   --dry-run                   print the exact gcloud commands, one per line, and run nothing
-#   -- ARGS                     extra --config.<field>=<value> overrides for train
+#   -- ARGS                     extra --config.<field>=<value> overrides for train and onpolicy
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -48,7 +54,7 @@ shift
 
 ENV_TMP=""
 NAME="" ZONE="" PROJECT="" ACCELERATOR="v5p-16" RUNTIME="" CAPACITY="" QUEUED=0 SLICES=1
-REPO="" COMMIT="" CONFIG="" BUCKET="" RUN="" DRY_RUN=0 WAIT=0 FETCH=""
+REPO="" COMMIT="" CONFIG="" BUCKET="" RUN="" DRY_RUN=0 WAIT=0 FETCH="" STAGE="all"
 ENV_PAIRS=() ENV_FROM_HOST=() OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -70,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --run) RUN="$2"; shift 2 ;;
     --wait) WAIT=1; shift ;;
     --fetch) FETCH="$2"; shift 2 ;;
+    --stage) STAGE="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; OVERRIDES=("$@"); break ;;
     *) die "unknown option $1 (see launch/tpu.sh --help)" ;;
@@ -186,22 +193,47 @@ run_name() {
   echo "${base%.py}"
 }
 
-cmd_train() {
+# The run's --config and --bucket checked; prints the --config.<field>=<value> overrides after --, quoted.
+check_run() {
   [[ -n "$CONFIG" ]] || die "--config is required (e.g. configs/llama3_8b_instruct.py:v5p-16)"
   [[ "$BUCKET" == gs://* ]] || die "--bucket must be a gs:// path, got '$BUCKET'"
-  local run_id out train
+  local arg
+  for arg in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
+    [[ "$arg" == --config.* ]] || die "extra arguments after -- must be --config.<field>=<value>, got '$arg'"
+    printf ' %s' "$(quote "$arg")"
+  done
+}
+
+cmd_train() {
+  local run_id out train overrides
+  overrides="$(check_run)" || exit 2
   run_id="$(run_name)" || exit 2
   out="\$HOME/runs/$run_id"
   train="python3 -m simpo_jax.train --config $(quote "$CONFIG") --config.train.output_dir=$out"
   train+=" --config.checkpoint.directory=$BUCKET/$run_id/checkpoints"
   (( SLICES > 1 )) && train+=" --config.mesh.dcn_data=$SLICES"
-  local arg
-  for arg in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
-    [[ "$arg" == --config.* ]] || die "extra arguments after -- must be --config.<field>=<value>, got '$arg'"
-    train+=" $(quote "$arg")"
-  done
+  start_job "$run_id" "$out" "$train$overrides"
+}
+
+cmd_onpolicy() {
+  local run_id out command overrides
+  overrides="$(check_run)" || exit 2
+  [[ "$STAGE" =~ ^(all|sample|score)$ ]] || die "--stage must be all, sample or score, got '$STAGE'"
+  run_id="$(run_name)" || exit 2
+  out="\$HOME/runs/$run_id"
+  command="python3 -m simpo_jax.onpolicy --config $(quote "$CONFIG") --output $out --stage $STAGE"
+  (( SLICES > 1 )) && command+=" --config.mesh.dcn_data=$SLICES"
+  # Process 0 (worker 0) writes the shards: it starts from what an earlier run left in the bucket (if anything).
+  on_workers 0 "mkdir -p $out && if gcloud storage ls $BUCKET/$run_id/output/ > /dev/null 2>&1; then \
+gcloud storage rsync --recursive $BUCKET/$run_id/output $out; fi"
+  start_job "$run_id" "$out" "$command$overrides"
+}
+
+# Run `command` on every worker through launch/worker.sh (detached, or with --wait in the foreground).
+start_job() {
+  local run_id="$1" out="$2" command="$3"
   # launch/worker.sh loads the shared environment, runs the command and copies the run directory to the bucket.
-  local job="launch/worker.sh $out $BUCKET/$run_id/output $train" log="\$HOME/simpo_jax_${run_id//\//_}.log"
+  local job="launch/worker.sh $out $BUCKET/$run_id/output $command" log="\$HOME/simpo_jax_${run_id//\//_}.log"
   [[ -z "$FETCH" ]] || (( WAIT )) || die "--fetch needs --wait"
   if (( ! WAIT )); then
     on_workers all "cd ~/$REMOTE_DIR && nohup $job > $log 2>&1 < /dev/null &"
@@ -229,7 +261,7 @@ cmd_logs() {
   on_workers 0 "tail -n +1 -F \$HOME/simpo_jax_${run_id//\//_}.log"
 }
 
-cmd_stop() { on_workers all "pkill -TERM -f '^python3 -m simpo_jax.train' || true"; }
+cmd_stop() { on_workers all "pkill -TERM -f '^python3 -m simpo_jax[.](train|onpolicy)' || true"; }
 
 cmd_status() {
   if (( QUEUED )); then
@@ -248,6 +280,6 @@ cmd_delete() {
 }
 
 case "$COMMAND" in
-  create|setup|train|logs|stop|status|delete) "cmd_$COMMAND" ;;
-  *) die "unknown command '$COMMAND' (create, setup, train, logs, stop, status, delete)" ;;
+  create|setup|train|onpolicy|logs|stop|status|delete) "cmd_$COMMAND" ;;
+  *) die "unknown command '$COMMAND' (create, setup, train, onpolicy, logs, stop, status, delete)" ;;
 esac

@@ -85,6 +85,23 @@ def test_train_runs_the_same_command_on_every_worker():
     assert "--config.mesh.dcn_data=2" in _train_command(multi)[0]
 
 
+def test_onpolicy_resumes_from_the_bucket_on_worker_zero_then_runs_on_every_worker():
+    onpolicy = ["--config", "configs/llama3_8b_instruct_onpolicy.py:v5p-16", "--bucket", "gs://my-bucket/simpo/"]
+    restore, ssh = dry_run("onpolicy", *onpolicy, "--stage", "sample", "--", "--config.generate.max_prompts=512")
+    assert option(restore, "--worker") == "0"
+    assert ("gcloud storage rsync --recursive gs://my-bucket/simpo/llama3_8b_instruct_onpolicy/output "
+            "$HOME/runs/llama3_8b_instruct_onpolicy") in option(restore, "--command")
+    assert option(ssh, "--worker") == "all"
+    command, words = _train_command(ssh)
+    assert command == ["python3", "-m", "simpo_jax.onpolicy", "--config", "configs/llama3_8b_instruct_onpolicy.py:v5p-16",
+                       "--output", "$HOME/runs/llama3_8b_instruct_onpolicy", "--stage", "sample",
+                       "--config.generate.max_prompts=512"]
+    assert words[words.index("launch/worker.sh") + 2] == "gs://my-bucket/simpo/llama3_8b_instruct_onpolicy/output"
+    proc = subprocess.run(["bash", str(TPU), "onpolicy", "--dry-run", *COMMON, *onpolicy, "--stage", "train"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--stage must be all, sample or score" in proc.stderr
+
+
 def test_logs_follow_worker_zero_and_stop_sends_sigterm_everywhere():
     [logs] = dry_run("logs", *TRAIN)
     assert option(logs, "--worker") == "0" and "simpo_jax_llama3_8b_instruct.log" in option(logs, "--command")
