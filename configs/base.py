@@ -57,9 +57,11 @@ def get_config() -> ConfigDict:
     # tokens.
     c.judge = ConfigDict(dict(reward_model="", batch_size=8, max_length=2048, dtype="float32"))
     # On-policy preference data (`python -m simpo_jax.onpolicy`): one sample per seed for every prompt of each
-    # split of generate.prompts (sampled with the generate section's settings), scored by judge.reward_model;
-    # the best and worst become chosen and rejected. See simpo_jax/onpolicy/config.py.
-    c.onpolicy = ConfigDict(dict(seeds=(13, 21, 42, 79, 100), splits=("train_prefs", "test_prefs"), shard_prompts=256,
+    # split of generate.prompts, at the recipe's temperature / top-p / length (the generate section gives the
+    # prompt source, batching and buckets), scored by judge.reward_model; best and worst become chosen and
+    # rejected. See simpo_jax/onpolicy/config.py.
+    c.onpolicy = ConfigDict(dict(seeds=(13, 21, 42, 79, 100), temperature=0.8, top_p=0.95, top_k=0,
+                                 max_new_tokens=4096, splits=("train_prefs", "test_prefs"), shard_prompts=256,
                                  min_score_gap=0.0))
     # Fields holding None are typed placeholders, so `--config.<section>.<field>=value` can set them.
     return c

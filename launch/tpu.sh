@@ -219,10 +219,11 @@ cmd_onpolicy() {
   local run_id out command overrides
   overrides="$(check_run)" || exit 2
   [[ "$STAGE" =~ ^(all|sample|score)$ ]] || die "--stage must be all, sample or score, got '$STAGE'"
+  # One writer, whose shards come from and go back to the bucket: one slice (worker 0 holds process 0).
+  (( SLICES == 1 )) || die "onpolicy runs on one slice (--num-slices 1): its output has one writer, worker 0"
   run_id="$(run_name)" || exit 2
   out="\$HOME/runs/$run_id"
   command="python3 -m simpo_jax.onpolicy --config $(quote "$CONFIG") --output $out --stage $STAGE"
-  (( SLICES > 1 )) && command+=" --config.mesh.dcn_data=$SLICES"
   # Process 0 (worker 0) writes the shards: it starts from what an earlier run left in the bucket (if anything).
   on_workers 0 "mkdir -p $out && if gcloud storage ls $BUCKET/$run_id/output/ > /dev/null 2>&1; then \
 gcloud storage rsync --recursive $BUCKET/$run_id/output $out; fi"

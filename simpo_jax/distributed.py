@@ -53,3 +53,29 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def broadcast_text(text: str) -> str:
+    """Process 0's `text` on every process (the others' argument is ignored)."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    if size == 0:
+        return ""
+    buffer = data if data.size == size else np.zeros(size, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)).decode()
+
+
+def same_on_every_process(text: str) -> bool:
+    """Whether every process passed the same `text` (compared by SHA-256); the same answer everywhere."""
+    if jax.process_count() == 1:
+        return True
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.int32)
+    return bool(np.all(np.asarray(multihost_utils.process_allgather(digest)) == digest[None, :]))

@@ -100,6 +100,9 @@ def test_onpolicy_resumes_from_the_bucket_on_worker_zero_then_runs_on_every_work
     proc = subprocess.run(["bash", str(TPU), "onpolicy", "--dry-run", *COMMON, *onpolicy, "--stage", "train"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--stage must be all, sample or score" in proc.stderr
+    proc = subprocess.run(["bash", str(TPU), "onpolicy", "--dry-run", *COMMON, *onpolicy, "--num-slices", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "onpolicy runs on one slice" in proc.stderr
 
 
 def test_logs_follow_worker_zero_and_stop_sends_sigterm_everywhere():

@@ -115,15 +115,15 @@ def test_samples_depend_on_split_prompt_and_seed_only_never_on_batch_order_or_sh
     """Resampling one split in another batch size and order reproduces every stored sample (no mixed ids)."""
     from simpo_jax.config import build_run_config
     from simpo_jax.generate.cli import build_sampler, load_model, load_tokenizer_for, prompt_key
-    from simpo_jax.onpolicy.build import answer_text
+    from simpo_jax.onpolicy.build import answer_text, sampling_config
     from simpo_jax.onpolicy.prompts import build_split_prompts, load_split_rows
 
     root, rm, _, out, _ = built
     rc = build_run_config(_config(root, rm, **{"generate.batch_size": 7}))
-    gen, mesh = rc.run["generate"], rc.mesh.build()
-    tokenizer = load_tokenizer_for(rc, "")
-    prompts, _ = build_split_prompts(*load_split_rows("test", gen, rc.data, rc.run["data_extras"]), gen, rc.data,
-                                     tokenizer, templated=False)
+    gen = rc.run["generate"] = sampling_config(rc.run["generate"], rc.run["onpolicy"])
+    mesh, tokenizer = rc.mesh.build(), load_tokenizer_for(rc, "")
+    prompts, _ = build_split_prompts(*load_split_rows("test", gen, rc.data, rc.run["data_extras"], 1), gen, rc.data,
+                                     tokenizer, has_template=False)
     sampler = build_sampler(rc, load_model(rc, mesh, tokenizer, ""), tokenizer, mesh)
     items = [(p, seed) for p in reversed(prompts) for seed in (100, 79, 42, 21, 13)]
     completions = sampler.generate([p.ids for p, _ in items], [prompt_key(f"test/{p.prompt_id}") for p, _ in items],
@@ -135,6 +135,7 @@ def test_samples_depend_on_split_prompt_and_seed_only_never_on_batch_order_or_sh
 
 
 def test_a_run_killed_in_each_stage_resumes_without_redoing_duplicating_or_losing_prompts(built, monkeypatch):
+    from simpo_jax.errors import ConfigError
     from simpo_jax.onpolicy import build as engine
 
     root, rm, _, reference, _ = built
@@ -171,6 +172,10 @@ def test_a_run_killed_in_each_stage_resumes_without_redoing_duplicating_or_losin
     assert calls["sample"] == sum(s.shards for s in summaries)  # scoring never resampled
     for split in SPLITS:  # the same bytes as the run that was never interrupted
         assert (out / f"{split}.jsonl").read_bytes() == (reference / f"{split}.jsonl").read_bytes()
+    # The sampling stage recorded no reward model; the scoring stage did, and another one is refused.
+    other = _reward_model(root / "other_rm", _values(5))
+    with pytest.raises(ConfigError, match="judge config field 'reward_model'"):
+        engine.build(_config(root, other), str(out), stage="score")
 
 
 def test_ties_and_identical_answers_are_counted_and_left_out(tmp_path):
@@ -184,8 +189,17 @@ def test_ties_and_identical_answers_are_counted_and_left_out(tmp_path):
         assert (tmp_path / "data" / f"{s.split}.jsonl").read_text() == ""
 
 
+def test_the_sampler_stops_at_every_eos_of_the_generation_config(tmp_path):
+    from simpo_jax.generate.cli import generation_eos
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
+    assert generation_eos(str(tmp_path)) == {128001, 128009}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert generation_eos(str(tmp_path)) == {2} and generation_eos(str(tmp_path / "none")) == set()
+
+
 def test_pick_rules():
-    from simpo_jax.onpolicy.select import pick
+    from simpo_jax.onpolicy.choose import pick
 
     assert pick(["a", "b", "c"], [1.0, 3.0, 2.0]) == (1, 0)
     assert pick(["a", "b", "c"], [3.0, 3.0, 1.0]) == (0, 2)  # equal best scores: the earliest seed
@@ -195,6 +209,7 @@ def test_pick_rules():
     assert pick(["a", "b"], [1.0, 1.0]) == "tie"
     assert pick(["a", "b"], [1.0, 1.05], min_score_gap=0.1) == "tie"
     assert pick(["a", "b"], [1.0, float("nan")]) == "non_finite"
+    assert pick(["a", "b", ""], [1.0, None, None]) == "non_finite"  # a non-empty answer without a (finite) score
 
 
 def test_changed_settings_and_changed_prompt_sources_are_one_line_errors(built, tmp_path):
@@ -202,14 +217,21 @@ def test_changed_settings_and_changed_prompt_sources_are_one_line_errors(built, 
     from simpo_jax.onpolicy.build import build
 
     root, rm, _, out, _ = built
-    with pytest.raises(ConfigError, match="generate config field 'temperature'.*0.8.*0.7"):
-        build(_config(root, rm, **{"generate.temperature": 0.7}), str(out))
+    with pytest.raises(ConfigError, match="onpolicy config field 'temperature'.*made with 0.8, this run asks for 0.7"):
+        build(_config(root, rm, **{"onpolicy.temperature": 0.7}), str(out))
+    with pytest.raises(UserError, match="the prompts of split 'train' are not those"):  # other rows, same settings
+        build(_config(root, rm, **{"data.seed": 7}), str(out))
     with pytest.raises(ConfigError, match="onpolicy config field 'seeds'"):
         build(_config(root, rm, **{"onpolicy.seeds": (1,)}), str(tmp_path / "x"))
-    with pytest.raises(ConfigError, match="generate config field 'temperature'.*sampling"):
-        build(_config(root, rm, **{"generate.temperature": 0.0}), str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="onpolicy config field 'temperature'.*sampled"):
+        build(_config(root, rm, **{"onpolicy.temperature": 0.0}), str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="generate config field 'temperature': is not used.*onpolicy.temperature"):
+        build(_config(root, rm, **{"generate.temperature": 0.7}), str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="judge config field 'reward_model'"):
         build(_config(root, ""), str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="judge config field 'reward_model'.*no config.json"):
+        build(_config(root, "./no/such/model"), str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()  # refused before anything was written
     # A shard written for other prompts (the source changed under the same settings) is refused, not merged.
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
@@ -244,3 +266,43 @@ def test_the_data_trains_and_held_out_reward_accuracy_rises(built):
     print(f"held-out reward accuracy {before:.3f} -> {after:.3f}, final eval {final['eval_rewards/accuracies']:.3f}")
     assert after >= before + 0.15, (before, after)
     assert final["eval_rewards/accuracies"] > 0.75
+
+
+# A chat template made of the counting vocabulary's words (the roles are not rendered): the message-list path.
+TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% if m['role'] == 'user' %}: {% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}one{% endif %}")
+
+
+def test_with_chat_templates_rows_are_message_lists_scored_in_the_reward_models_template_and_train_reads_them(
+        tmp_path):
+    from simpo_jax.build import load_data
+    from simpo_jax.config import build_run_config
+    from simpo_jax.data.builtin import counting_tokenizer
+    from simpo_jax.fixtures.last_token_reward import write_model
+    from simpo_jax.onpolicy.build import build
+
+    values = _values(1)
+    reward_tokenizer = counting_tokenizer()
+    reward_tokenizer.chat_template = TEMPLATE
+    rm = write_model(str(tmp_path / "rm"), reward_tokenizer, values)
+    config = _config(tmp_path, rm, **{"generate.max_prompts": 24, "onpolicy.splits": ("test",)})
+    config.data.chat_template = TEMPLATE  # the policy's template
+    out = tmp_path / "data"
+    [summary] = build(config, str(out))
+    rows = _lines(out / "test.jsonl")
+    assert summary.rows == len(rows) > 0
+    for row, record in zip(rows, [r for r in _scored(out, "test") if r["prompt_id"] in {x["prompt_id"] for x in rows}]):
+        turns = [{"role": "user", "content": row["prompt"]}]
+        assert row["chosen"][:-1] == turns == row["rejected"][:-1] == record["turns"]
+        assert row["chosen"][-1]["role"] == row["rejected"][-1]["role"] == "assistant"
+        for s in record["samples"]:  # scored in the reward model's template: prompt turns, then the answer
+            if s["text"].strip():
+                text = reward_tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": s["text"]}],
+                                                           tokenize=False)
+                last = reward_tokenizer(text, add_special_tokens=False)["input_ids"][-1]
+                assert s["score"] == pytest.approx(float(values[last]), abs=1e-6)
+    train = _config(tmp_path, rm, stage="train")
+    train.data.path, train.data.eval_split = str(out / "test.jsonl"), ""
+    train.data.chat_template, train.data.tokenizer_path = TEMPLATE, rm
+    _, data, _ = load_data(build_run_config(train), verbose=False)
+    assert len(data) == len(rows)  # every row read, in the message-list (prompt_messages) format

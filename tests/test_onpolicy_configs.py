@@ -25,14 +25,14 @@ def test_every_preset_builds_with_the_recipe_settings(slice_name):
     assert rc.model["param_dtype"] == "bfloat16" and rc.model["dtype"] == "bfloat16"
     assert (gen.prompts, gen.prompt_column, gen.apply_chat_template) == (
         "HuggingFaceH4/ultrafeedback_binarized", "prompt", True)
-    assert (gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, gen.num_samples) == (0.8, 0.95, 0, 4096, 1)
+    assert (op.temperature, op.top_p, op.top_k, op.max_new_tokens, gen.num_samples) == (0.8, 0.95, 0, 4096, 1)
     assert tuple(op.seeds) == (13, 21, 42, 79, 100) and tuple(op.splits) == ("train_prefs", "test_prefs")
     assert judge["reward_model"] == "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2" and judge["dtype"] == "bfloat16"
     # The KV cache (longest prompt bucket + new tokens) stays within the policy's 8,192 positions, and the
     # judge reads a longest-bucket prompt with a full-length answer and its template whole.
     longest = max(gen.buckets(rc.data.max_prompt_length))
-    assert longest == 2048 and longest + gen.max_new_tokens <= 8192
-    assert judge["max_length"] >= longest + gen.max_new_tokens + 64
+    assert longest == 2048 and longest + op.max_new_tokens <= 8192
+    assert judge["max_length"] >= longest + op.max_new_tokens + 64
     if slice_name:
         chips = parse_slice(slice_name).chips
         assert rc.mesh.slice == slice_name and rc.mesh.fsdp * rc.mesh.data * rc.mesh.tensor == chips
@@ -52,7 +52,7 @@ def test_the_v5p_16_preset_decode_step_fits():
     from simpo_jax.generate.aot import check_decode_fit
 
     config = _config(NAME, "v5p-16")
-    cache = max(config.generate.prompt_buckets) + config.generate.max_new_tokens
+    cache = max(config.generate.prompt_buckets) + config.onpolicy.max_new_tokens
     report = check_decode_fit(config, parse_slice("v5p-16"), batch=config.generate.batch_size, cache_len=cache)
     assert report.mesh_shape == {"data": 8, "fsdp": 1, "tensor": 1} and report.fits, report.render()
     rows = config.generate.batch_size // 8

@@ -127,11 +127,26 @@ def prompt_key(prompt_id: str) -> int:
     return zlib.crc32(prompt_id.encode()) & 0x7FFFFFFF
 
 
-def build_sampler(rc: RunConfig, model: Decoder, tokenizer: Any, mesh: Any) -> Sampler:
-    """The generate section's sampler: its settings, batch and buckets; EOS = the tokenizer's and the model's."""
+def generation_eos(source: str) -> set[int]:
+    """The EOS ids of `source`'s generation_config.json (Llama-3-Instruct: <|end_of_text|> and <|eot_id|>)."""
+    path = os.path.join(source, "generation_config.json") if source else ""
+    if not path or not os.path.isfile(path):
+        return set()
+    try:
+        with open(path) as f:
+            value = json.load(f).get("eos_token_id")
+    except (OSError, ValueError):
+        return set()
+    return {int(e) for e in np.atleast_1d(value).tolist()} if value is not None else set()
+
+
+def build_sampler(rc: RunConfig, model: Decoder, tokenizer: Any, mesh: Any, source: str = "") -> Sampler:
+    """The generate section's sampler: its settings, batch and buckets; EOS = the tokenizer's, the model config's
+    and `source`'s generation config's (as transformers and vLLM stop)."""
     gen = rc.run["generate"]
     config_eos = model.cfg.eos_token_id
     eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
+    eos |= generation_eos(source if source and _is_hf(source) else "")
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, gen.seed)
     return Sampler(model, params, batch_size=gen.batch_size, buckets=gen.buckets(rc.data.max_prompt_length),
                    eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,
@@ -152,7 +167,7 @@ def generate(config: Any, output: str) -> int:
     todo = _todo(prompts, gen.num_samples, output)
     if not todo:
         return 0
-    sampler = build_sampler(rc, load_model(rc, mesh, tokenizer, source), tokenizer, mesh)
+    sampler = build_sampler(rc, load_model(rc, mesh, tokenizer, source), tokenizer, mesh, source)
     generator = gen.generator or os.path.basename(os.path.normpath(source or rc.model.get("preset") or "model"))
     bar = None
     if main and rc.run["logging"]["progress_bar"]:

@@ -27,25 +27,35 @@ class Prompt(NamedTuple):
     ids: list[int]
 
 
-def load_rows(gen: GenerateConfig, data: DataConfig, extras: dict) -> tuple[list[dict], str]:
-    """The raw rows (at most `generate.max_prompts`) and the source's name."""
+def load_rows(gen: GenerateConfig, data: DataConfig, extras: dict,
+              split: str | None = None) -> tuple[list[dict], str]:
+    """The raw rows (at most `generate.max_prompts`) and the source's name.
+
+    `split` None: generate.split of generate.prompts, else the run's held-out rows (data.path's eval split, the
+    built-in task's). A named `split` (train / test for the built-in task) is read from whichever source is set.
+    """
     if gen.prompts:
-        rows = load_split(gen.prompts, gen.split, "generate.prompts")
+        rows = load_split(gen.prompts, split or gen.split, "generate.prompts")
         name = os.path.basename(gen.prompts.rstrip("/"))
     elif extras.get("builtin"):
         from simpo_jax.data.builtin import builtin_dataset
 
-        rows = builtin_dataset(extras["builtin"], 1, extras.get("builtin_eval_rows") or 256, data.seed)[1]
-        name = extras["builtin"]
+        check(split in (None, "train", "test"), "onpolicy", "splits",
+              f"the built-in task has splits train and test, not {split!r}")
+        train, test, _ = builtin_dataset(extras["builtin"], extras.get("builtin_train_rows") or 4096 if split == "train"
+                                         else 1, extras.get("builtin_eval_rows") or 256, data.seed)
+        rows, name = (train if split == "train" else test), extras["builtin"]
     else:
         check(bool(data.path), "generate", "prompts", "set generate.prompts (or data.path for the run's eval split)")
-        rows, name = load_split(data.path, data.eval_split or gen.split), os.path.basename(data.path.rstrip("/"))
+        rows = load_split(data.path, split or data.eval_split or gen.split)
+        name = os.path.basename(data.path.rstrip("/"))
     if gen.max_prompts:
         rows = rows.select(range(min(gen.max_prompts, len(rows))))
     return rows.to_list(), gen.dataset_name or name
 
 
-def _column(row: dict, gen: GenerateConfig) -> str:
+def prompt_column(row: dict, gen: GenerateConfig) -> str:
+    """The prompt column of rows like `row`: generate.prompt_column, else the first of PROMPT_COLUMNS present."""
     if gen.prompt_column:
         check(gen.prompt_column in row, "generate", "prompt_column", f"{gen.prompt_column!r} is not a column "
                                                                      f"(columns: {', '.join(sorted(row))})")
@@ -83,7 +93,7 @@ def build_prompts(rows: list[dict], dataset: str, gen: GenerateConfig, data: Dat
     """Render and tokenize every row (prompt ids: the row's `prompt_id` column, else its index)."""
     if not rows:
         return []
-    column = _column(rows[0], gen)
+    column = prompt_column(rows[0], gen)
     texts, prompts = [], []
     for index, row in enumerate(rows):
         text, instruction = render(row, column, gen, data, tokenizer)

@@ -32,12 +32,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from simpo_jax.distributed import broadcast_text
 from simpo_jax.errors import check
 from simpo_jax.generate.config import PROMPT_COLUMNS
 from simpo_jax.generate.prompts import build_prompts, load_rows
 from simpo_jax.generate.sampler import Sampler, SamplingParams
 from simpo_jax.judging.counting import counting_accuracy, counting_correct
 from simpo_jax.judging.metrics import generation_metrics
+from simpo_jax.judging.reward import prompt_turns
 from simpo_jax.judging.winrate import win_rates
 
 SAMPLES_DIR = "samples"
@@ -59,24 +61,7 @@ def held_out_rows(rc: Any, gen: Any) -> tuple[list[dict], str]:
 
 def _judge_prompt(value: Any) -> Any:
     """The prompt as the reward model reads it: a string, or the messages without a trailing assistant turn."""
-    if isinstance(value, str):
-        return value
-    messages = [dict(role=m["role"], content=m["content"]) for m in value]
-    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
-
-
-def _from_main(text: str) -> str:
-    """Process 0's `text` on every process."""
-    if jax.process_count() == 1:
-        return text
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(text.encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    if size == 0:
-        return ""
-    buffer = data if data.size == size else np.zeros(size, np.uint8)
-    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)).decode()
+    return value if isinstance(value, str) else prompt_turns(value)
 
 
 class GenerationMonitor:
@@ -160,7 +145,7 @@ class GenerationMonitor:
         if self.main and os.path.exists(self._path(0)):
             with open(self._path(0)) as f:
                 text = f.read()
-        text = _from_main(text)
+        text = broadcast_text(text)
         if not text:
             return None
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]

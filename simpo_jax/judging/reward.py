@@ -40,15 +40,17 @@ def buckets(max_length: int, smallest: int = 64) -> list[int]:
     return out + [max_length]
 
 
+def prompt_turns(prompt: Prompt) -> list[dict[str, str]]:
+    """A prompt as messages: a string is one user turn; a message list loses a trailing assistant turn."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    turns = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns
+
+
 def messages_for(prompt: Prompt, answer: str) -> list[dict[str, str]]:
     """The conversation judged: the prompt's turns (a trailing assistant turn dropped), then the answer."""
-    if isinstance(prompt, str):
-        turns = [{"role": "user", "content": prompt}]
-    else:
-        turns = [{"role": m["role"], "content": m["content"]} for m in prompt]
-        if turns and turns[-1]["role"] == "assistant":
-            turns = turns[:-1]
-    return turns + [{"role": "assistant", "content": answer}]
+    return prompt_turns(prompt) + [{"role": "assistant", "content": answer}]
 
 
 class RewardJudge:

@@ -6,9 +6,9 @@ is: `prompt_id`, `prompt` (the instruction), `chosen` / `rejected` (the prompt's
 message lists; plain strings when the policy's tokenizer has no chat template), `score_chosen`,
 `score_rejected`, `seed_*` and `tokens_*` of both, `all_generated_responses` and `all_rm_scores` (in seed
 order, as the official data) and `samples` (each with its seed, text, score, token count and finish reason).
-See build.py for the shards and resuming, select.py for the choice and what is left out.
+See build.py for the shards and resuming, choose.py for the choice and what is left out.
 """
 from simpo_jax.onpolicy.config import OnPolicyConfig
-from simpo_jax.onpolicy.select import binarize, pick, preference_row
+from simpo_jax.onpolicy.choose import binarize, pick, preference_row
 
 __all__ = ["OnPolicyConfig", "binarize", "pick", "preference_row"]  # the engine: simpo_jax.onpolicy.build

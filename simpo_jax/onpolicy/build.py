@@ -2,14 +2,18 @@
 
 Work goes shard by shard (`onpolicy.shard_prompts` prompts of a split, in source order). Sampling writes
 `samples/<split>/shard-N.jsonl`, scoring `scored/<split>/shard-N.jsonl`; a rerun skips the shards already
-written, after checking that each holds exactly the prompt ids this config puts there. When every shard of a
-split is scored, process 0 writes `<split>.jsonl`; every run rewrites `summary.jsonl`. Every process runs the
-same batches (the mesh spans them: each process's devices sample and score its share of the rows); process 0
-writes, and shares what it read from the output directory with the others.
+written. Before any work the manifest is checked: the settings and a fingerprint of every split's prompts
+(ids and token ids) must be those the directory was built with, and the same on every process. When every
+shard of a split is scored, process 0 writes `<split>.jsonl` (again on every rerun: a changed
+`onpolicy.min_score_gap` only rebinarizes); every run rewrites `summary.jsonl`. Every process runs the same
+batches (the mesh spans them: each process's devices sample and score its share of the rows); process 0
+reads and writes, and hands what it read, or the error it hit, to the others (files.from_main).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import time
 from typing import Any
@@ -22,9 +26,12 @@ from simpo_jax.config import build_run_config
 from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.errors import UserError, check
 from simpo_jax.generate.cli import build_sampler, load_model, load_tokenizer_for, model_source, prompt_key
-from simpo_jax.onpolicy.files import (check_manifest, read_lines, share, shard_path, write_lines, write_manifest)
-from simpo_jax.onpolicy.prompts import OnPolicyPrompt, build_split_prompts, load_split_rows
-from simpo_jax.onpolicy.select import binarize
+from simpo_jax.generate.config import GenerateConfig
+from simpo_jax.onpolicy.choose import binarize
+from simpo_jax.onpolicy.config import SAMPLING
+from simpo_jax.onpolicy.files import (check_manifest, from_main, read_lines, remove_partial_files, shard_path,
+                                      write_lines, write_manifest)
+from simpo_jax.onpolicy.prompts import OnPolicyPrompt, build_split_prompts, fingerprint, load_split_rows
 
 STAGES = ("all", "sample", "score")
 
@@ -63,28 +70,43 @@ class SplitSummary:
                 f"{self.rejected_tokens_mean:.1f} tokens")
 
 
-def answer_text(tokenizer: Any, prompt_ids: list[int], tokens: list[int]) -> str:
+def answer_text(tokenizer: Any, prompt_ids: list[int], tokens: list[int], prompt_text: str | None = None) -> str:
     """The text `tokens` add after the prompt (decoded in context, special tokens skipped)."""
-    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True) if prompt_text is None else prompt_text
     full = tokenizer.decode(list(prompt_ids) + list(tokens), skip_special_tokens=True)
     return full[len(prompt):] if full.startswith(prompt) else tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def settings(rc: Any, source: str, stage: str) -> dict[str, Any]:
-    """What the samples and scores depend on, as `<section>:<field>` keys (scoring keys None when not scoring)."""
+def sampling_config(gen: GenerateConfig, op: Any) -> GenerateConfig:
+    """The generate section with the onpolicy section's sampling; a sampling field set in generate is an error."""
+    defaults = GenerateConfig()
+    for name in (*SAMPLING, "num_samples", "split"):
+        if getattr(gen, name) != getattr(defaults, name):
+            where = "onpolicy.seeds (one sample per seed)" if name == "num_samples" else (
+                "onpolicy.splits" if name == "split" else f"onpolicy.{name}")
+            check(False, "generate", name, f"is not used by simpo_jax.onpolicy: set {where}")
+    return dataclasses.replace(gen, **{name: getattr(op, name) for name in SAMPLING})
+
+
+def settings(rc: Any, source: str, stage: str, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """What the samples and scores depend on, as `<section>:<field>` keys (None: not compared or recorded)."""
     gen, op, judge, extras = rc.run["generate"], rc.run["onpolicy"], rc.run["judge"], rc.run["data_extras"]
-    scoring = stage != "sample"
+    scoring, random_init = stage != "sample", not source
     return {
-        "model:source": source or rc.model.get("preset") or "random init",
-        "generate:prompts": gen.prompts or (f"builtin:{extras['builtin']}" if extras.get("builtin") else rc.data.path),
+        "model:hf_path": rc.model.get("hf_path") or None, "generate:checkpoint": gen.checkpoint or None,
+        "model:preset": rc.model.get("preset") if random_init else None,
+        "train:seed": int(rc.run["train"]["seed"]) if random_init else None,
+        "model:dtype": rc.model.get("dtype"), "model:param_dtype": rc.model.get("param_dtype"),
+        "generate:prompts": gen.prompts or None, "data:builtin": extras.get("builtin") or None,
+        "data:path": rc.data.path if not (gen.prompts or extras.get("builtin")) else None,
         "generate:prompt_column": gen.prompt_column, "generate:max_prompts": gen.max_prompts,
-        "generate:temperature": gen.temperature, "generate:top_k": gen.top_k, "generate:top_p": gen.top_p,
-        "generate:max_new_tokens": gen.max_new_tokens, "generate:seed": gen.seed,
-        "generate:prompt_buckets": list(gen.buckets(rc.data.max_prompt_length)),
+        "generate:seed": gen.seed, "generate:prompt_buckets": list(gen.buckets(rc.data.max_prompt_length)),
+        **{f"onpolicy:{name}": getattr(op, name) for name in SAMPLING},
         "onpolicy:seeds": list(op.seeds), "onpolicy:shard_prompts": op.shard_prompts,
         "judge:reward_model": judge["reward_model"] if scoring else None,
         "judge:max_length": judge["max_length"] if scoring else None,
         "judge:dtype": judge["dtype"] if scoring else None,
+        **{f"prompts:{split}": value for split, value in fingerprints.items()},
     }
 
 
@@ -94,38 +116,39 @@ class Builder:
     def __init__(self, config: Any, output: str, stage: str = "all", progress: bool | None = None):
         check(stage in STAGES, "onpolicy", "stage", f"must be one of {', '.join(STAGES)}, got {stage!r}")
         self.rc, self.output, self.stage = build_run_config(config), output, stage
-        gen, self.op, self.judge_cfg = self.rc.run["generate"], self.rc.run["onpolicy"], self.rc.run["judge"]
-        check(gen.temperature > 0, "generate", "temperature",
-              "on-policy samples need sampling (temperature > 0; the recipe uses 0.8)")
-        check(gen.num_samples in (1, len(self.op.seeds)), "generate", "num_samples",
-              f"onpolicy.seeds sets the samples per prompt ({len(self.op.seeds)}); leave generate.num_samples at 1")
+        self.op, self.judge_cfg = self.rc.run["onpolicy"], self.rc.run["judge"]
+        self.gen = self.rc.run["generate"] = sampling_config(self.rc.run["generate"], self.op)
         check(stage == "sample" or bool(self.judge_cfg["reward_model"]), "judge", "reward_model",
               "set the reward model that scores the samples (or run --stage=sample first)")
         distributed.initialize(self.rc.run["distributed"])
         self.main = jax.process_index() == 0
+        if stage != "sample":  # a wrong path fails now, not after a shard of sampling
+            from simpo_jax.models.hf_import import resolve_model_dir
+
+            self.judge_path = resolve_model_dir(self.judge_cfg["reward_model"], "judge.reward_model")
         self.mesh = self.rc.mesh.build()
         self.source = model_source(self.rc)
         self.tokenizer = load_tokenizer_for(self.rc, self.source)
         template = resolve_template(self.rc.data)
-        self.templated = bool(gen.apply_chat_template and (template if template is not None
-                                                            else self.tokenizer.chat_template))
+        self.has_template = bool(template if template is not None else self.tokenizer.chat_template)
         self.progress = self.rc.run["logging"]["progress_bar"] if progress is None else progress
         self._sampler, self._judge = None, None
         self.bars: dict[str, Any] = {}
 
-    # Engines, built at their first use (a scoring-only run never loads the policy, nor a sampling run the judge).
     def sampler(self) -> Any:
+        """The policy's sampler, loaded at its first use (a scoring-only run never loads the policy)."""
         if self._sampler is None:
             model = load_model(self.rc, self.mesh, self.tokenizer, self.source)
-            self._sampler = build_sampler(self.rc, model, self.tokenizer, self.mesh)
+            self._sampler = build_sampler(self.rc, model, self.tokenizer, self.mesh, self.source)
         return self._sampler
 
     def judge(self) -> Any:
+        """The reward model on the mesh, loaded at its first use (a sampling-only run never loads it)."""
         if self._judge is None:
             from simpo_jax.judging.reward import RewardJudge
 
             j = self.judge_cfg
-            self._judge = RewardJudge(j["reward_model"], batch_size=int(j["batch_size"]),
+            self._judge = RewardJudge(self.judge_path, batch_size=int(j["batch_size"]),
                                       max_length=int(j["max_length"]), dtype=j["dtype"], mesh=self.mesh)
         return self._judge
 
@@ -138,42 +161,53 @@ class Builder:
             self.bars[name] = tqdm(total=total, desc=name, unit=unit, position=len(self.bars))
         return self.bars[name]
 
+    def _plans(self) -> list[tuple[str, list[list[OnPolicyPrompt]], SplitSummary]]:
+        plans, seen = [], set()
+        for split in self.op.splits:
+            rows, name = load_split_rows(split, self.gen, self.rc.data, self.rc.run["data_extras"],
+                                         len(self.op.splits))
+            prompts, repeats = build_split_prompts(rows, name, self.gen, self.rc.data, self.tokenizer,
+                                                   self.has_template)
+            ids = {p.prompt_id for p in prompts}
+            size = self.op.shard_prompts
+            shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+            plans.append((split, shards, SplitSummary(split, len(prompts), repeated_ids=repeats, shards=len(shards),
+                                                      in_earlier_split=len(ids & seen))))
+            seen |= ids
+        return plans
+
+    def _start(self, plans: list, fingerprints: dict[str, str]) -> list[list[list[bool]]]:
+        """Process 0: check and write the manifest, clear partial files; (sampled, scored) of every shard."""
+        manifest = check_manifest(self.output, settings(self.rc, self.source, self.stage, fingerprints))
+        write_manifest(self.output, manifest)
+        remove_partial_files(self.output)
+        return [[[os.path.exists(shard_path(self.output, kind, split, i)) for kind in ("samples", "scored")]
+                 for i in range(len(shards))] for split, shards, _ in plans]
+
     def run(self) -> list[SplitSummary]:
         """Do this stage's work on every split; returns the splits' summaries."""
         start = time.time()
-        manifest = check_manifest(self.output, settings(self.rc, self.source, self.stage)) if self.main else {}
-        if self.main:
-            write_manifest(self.output, manifest)
-            remove_partial_files(self.output)
-        plans, seen = [], set()
-        for split in self.op.splits:
-            rows, name = load_split_rows(split, self.rc.run["generate"], self.rc.data, self.rc.run["data_extras"])
-            prompts, repeats = build_split_prompts(rows, name, self.rc.run["generate"], self.rc.data, self.tokenizer,
-                                                   self.templated)
-            ids = {p.prompt_id for p in prompts}
-            summary = SplitSummary(split, len(prompts), repeated_ids=repeats, in_earlier_split=len(ids & seen))
-            seen |= ids
-            size = self.op.shard_prompts
-            shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-            summary.shards = len(shards)
-            plans.append((split, shards, summary))
-        done = share([[[os.path.exists(shard_path(self.output, kind, split, i)) for kind in ("samples", "scored")]
-                       for i in range(len(shards))] for split, shards, _ in plans] if self.main else None)
-        todo_samples = sum(len(shard) * len(self.op.seeds) for (split, shards, _), flags in zip(plans, done)
+        plans = self._plans()
+        fingerprints = {split: fingerprint([p for shard in shards for p in shard]) for split, shards, _ in plans}
+        if not distributed.same_on_every_process(json.dumps(fingerprints, sort_keys=True)):
+            raise UserError("the processes read different prompts (their copies of the prompt source, the tokenizer "
+                            "or the chat template differ): every host needs the same ones")
+        done = from_main(lambda: self._start(plans, fingerprints))
+        todo_samples = sum(len(shard) * len(self.op.seeds) for (_, shards, _), flags in zip(plans, done)
                            for shard, (sampled, scored) in zip(shards, flags)
                            if self.stage != "score" and not sampled and not scored)
         todo_scores = sum(1 for (_, shards, _), flags in zip(plans, done) for sampled, scored in flags
                           if self.stage != "sample" and not scored and (sampled or self.stage == "all"))
         bars = (self._bar("sampling", todo_samples, "sample"), self._bar("scoring", todo_scores, "shard"))
+        summaries = []
         try:
             for (split, shards, summary), flags in zip(plans, done):
                 for index, (shard, (sampled, scored)) in enumerate(zip(shards, flags)):
                     self._shard(split, index, shard, sampled, scored, bars)
-                self._finish(split, shards, summary)
+                summaries.append(SplitSummary(**from_main(lambda: self._finish(split, shards, summary))))
         finally:
             for b in self.bars.values():
                 b.close()
-        summaries = [summary for _, _, summary in plans]
         if self.main:
             write_lines(os.path.join(self.output, "summary.jsonl"),
                         [{**dataclasses.asdict(s), "seconds": round(time.time() - start, 1)} for s in summaries])
@@ -183,10 +217,9 @@ class Builder:
                bars: tuple[Any, Any]) -> None:
         if scored or (self.stage == "score" and not sampled):
             return
-        expected = [p.prompt_id for p in shard]
         if sampled:
-            records = share(read_lines(shard_path(self.output, "samples", split, index)) if self.main else None)
-            check_ids(records, expected, shard_path(self.output, "samples", split, index))
+            path = shard_path(self.output, "samples", split, index)
+            records = from_main(lambda: check_ids(read_lines(path), [p.prompt_id for p in shard], path))
         else:
             records = self.sample(split, shard, bars[0])
             if self.main:
@@ -217,10 +250,11 @@ class Builder:
         longest = max(sampler.buckets)
         records = []
         for p in shard:
+            prompt_text = self.tokenizer.decode(p.ids, skip_special_tokens=True)
             samples = []
             for seed in self.op.seeds:
                 c = completions[(p.prompt_id, seed)]
-                samples.append({"seed": int(seed), "text": answer_text(self.tokenizer, p.ids, c.tokens),
+                samples.append({"seed": int(seed), "text": answer_text(self.tokenizer, p.ids, c.tokens, prompt_text),
                                 "tokens": len(c.tokens), "finish_reason": c.finish_reason})
             records.append({"prompt_id": p.prompt_id, "instruction": p.instruction, "turns": p.turns,
                             "text": p.text, "prompt_tokens": len(p.ids), "prompt_cut": len(p.ids) > longest,
@@ -228,7 +262,8 @@ class Builder:
         return records
 
     def score(self, records: list[dict]) -> list[dict]:
-        """The records with each sample's reward-model score (None for an empty answer); equal texts score once."""
+        """The records with each sample's score: None for an empty answer or a non-finite score; equal texts
+        score once."""
         pairs: dict[tuple[int, str], int] = {}
         for i, record in enumerate(records):
             for s in record["samples"]:
@@ -239,49 +274,38 @@ class Builder:
         values = self.judge().score(prompts, [text for _, text in keys]) if keys else np.zeros(0)
         out = []
         for i, record in enumerate(records):
-            samples = [{**s, "score": float(values[pairs[(i, s["text"])]]) if (i, s["text"]) in pairs else None}
-                       for s in record["samples"]]
+            samples = []
+            for s in record["samples"]:
+                value = float(values[pairs[(i, s["text"])]]) if (i, s["text"]) in pairs else None
+                samples.append({**s, "score": value if value is not None and math.isfinite(value) else None})
             out.append({**record, "samples": samples})
         return out
 
-    def _finish(self, split: str, shards: list[list[OnPolicyPrompt]], summary: SplitSummary) -> None:
-        """Count finished shards; when all are scored, binarize them into `<split>.jsonl` (process 0)."""
-        if not self.main:
-            return
+    def _finish(self, split: str, shards: list[list[OnPolicyPrompt]], summary: SplitSummary) -> dict:
+        """Process 0: count finished shards; when all are scored, binarize them into `<split>.jsonl`."""
         summary.shards_sampled = sum(os.path.exists(shard_path(self.output, "samples", split, i))
                                      for i in range(len(shards)))
         summary.shards_scored = sum(os.path.exists(shard_path(self.output, "scored", split, i))
                                     for i in range(len(shards)))
-        if summary.shards_scored < len(shards):
-            return
-        records = []
-        for index, shard in enumerate(shards):
-            path = shard_path(self.output, "scored", split, index)
-            part = read_lines(path)
-            check_ids(part, [p.prompt_id for p in shard], path)
-            records += part
-        rows, skipped = binarize(records, self.op.min_score_gap)
-        write_lines(os.path.join(self.output, f"{split}.jsonl"), rows)
-        fill_summary(summary, records, rows, skipped)
+        if summary.shards_scored == len(shards):
+            records = []
+            for index, shard in enumerate(shards):
+                path = shard_path(self.output, "scored", split, index)
+                records += check_ids(read_lines(path), [p.prompt_id for p in shard], path)
+            rows, skipped = binarize(records, self.op.min_score_gap)
+            write_lines(os.path.join(self.output, f"{split}.jsonl"), rows)
+            fill_summary(summary, records, rows, skipped)
+        return dataclasses.asdict(summary)
 
 
-def remove_partial_files(output: str) -> None:
-    """Delete the temporary files a killed run left behind (a shard it was writing when it died)."""
-    for kind in ("samples", "scored"):
-        for root, _, names in os.walk(os.path.join(output, kind)):
-            for name in names:
-                if name.startswith(".tmp-"):
-                    os.remove(os.path.join(root, name))
-
-
-def check_ids(records: list[dict], expected: list[str], path: str) -> None:
-    """A shard file must hold exactly the prompt ids this config puts in it, in order (else the source changed)."""
+def check_ids(records: list[dict], expected: list[str], path: str) -> list[dict]:
+    """`records`, which must hold exactly the prompt ids this config puts in that shard, in order."""
     found = [r.get("prompt_id") for r in records]
     if found != expected:
         first = next((i for i, (a, b) in enumerate(zip(found, expected)) if a != b), min(len(found), len(expected)))
         raise UserError(f"{path} holds other prompts than this config puts in that shard ({len(found)} vs "
-                        f"{len(expected)} ids, first difference at line {first + 1}): the prompt source changed since "
-                        "it was written; use another --output")
+                        f"{len(expected)} ids, first difference at line {first + 1}): use another --output")
+    return records
 
 
 def fill_summary(summary: SplitSummary, records: list[dict], rows: list[dict], skipped: dict[str, int]) -> None:

@@ -1,11 +1,14 @@
 """Binarizing scored samples: the best becomes `chosen`, the worst `rejected` (UltraFeedback's row format).
 
 A prompt's candidates are its samples with non-empty text. It is left out, and counted, when fewer than two
-distinct texts remain (`identical`: every sample the same, the official filter, or empty) or when its best and
-worst scores differ by no more than `min_score_gap` (`tie`). Among equal scores the earliest seed wins, for
+distinct texts remain (`identical`: every sample the same, the official filter, or empty), when a candidate has
+no finite score (`non_finite`: the reward model gave NaN or inf, stored as null), or when its best and worst
+scores differ by no more than `min_score_gap` (`tie`). Among equal scores the earliest seed wins, for
 both ends, so the choice never depends on the order the samples were scored in.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -15,9 +18,9 @@ def pick(texts: list[str], scores: list[float], min_score_gap: float = 0.0) -> t
     candidates = [i for i, t in enumerate(texts) if t.strip()]
     if len({texts[i] for i in candidates}) < 2:
         return "identical"
-    values = np.asarray([scores[i] for i in candidates], np.float64)
-    if not np.all(np.isfinite(values)):
+    if any(scores[i] is None or not math.isfinite(scores[i]) for i in candidates):
         return "non_finite"
+    values = np.asarray([scores[i] for i in candidates], np.float64)
     best, worst = candidates[int(np.argmax(values))], candidates[int(np.argmin(values))]
     if scores[best] - scores[worst] <= min_score_gap:
         return "tie"
