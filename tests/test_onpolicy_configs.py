@@ -48,7 +48,9 @@ def test_an_unknown_slice_names_the_presets():
 
 @needs_libtpu
 def test_the_v5p_16_preset_decode_step_fits():
-    """One sampled decode step of the preset's batch over the longest cache (2,048 + 4,096), compiled for v5p-16."""
+    """One sampled decode step of the preset's batch over the longest cache (2,048 + 4,096), compiled for v5p-16.
+
+    The Llama-3-8B decode fit check of the suite (the sharding variants: tests/test_generate_aot.py, small)."""
     from simpo_jax.generate.aot import check_decode_fit
 
     config = _config(NAME, "v5p-16")

@@ -8,7 +8,9 @@ tensor), donated to the step. Exits 1 when the step does not fit, 2 on a bad con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 import sys
 import time
 from typing import Any
@@ -46,6 +48,7 @@ class DecodeFitReport:
     temp_bytes: int
     code_bytes: int
     compile_seconds: float
+    compiler_error: str = ""  # the TPU compiler's own out-of-memory message (then temps are the ones it quotes)
 
     @property
     def total_bytes(self) -> int:
@@ -53,7 +56,7 @@ class DecodeFitReport:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.slice.generation.hbm_bytes
+        return not self.compiler_error and self.total_bytes <= self.slice.generation.hbm_bytes
 
     def render(self) -> str:
         hbm, gib = self.slice.generation.hbm_bytes, lambda b: f"{b / GiB:8.2f} GiB"
@@ -73,7 +76,7 @@ class DecodeFitReport:
             f"  total      {gib(self.total_bytes)}   of {hbm / GiB:.0f} GiB HBM ({self.total_bytes / hbm:.0%})",
             f"compiled in  {self.compile_seconds:.0f} s",
             "verdict      " + ("FITS" if self.fits else "DOES NOT FIT"),
-        ])
+        ] + ([f"compiler     {self.compiler_error}"] if self.compiler_error else []))
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -107,11 +110,20 @@ def check_decode_fit(config: Any, tpu: Slice, batch: int, cache_len: int, device
 
     args = (state, cache, col(jnp.int32), col(jnp.int32), col(jnp.uint32), col(jnp.uint32), position)
     began = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(1,), out_shardings=(rows, cache_sh)).lower(*args).compile()
+    report = functools.partial(DecodeFitReport, tpu, dict(mesh.shape), cfg, batch, cache_len, _shard_bytes(state),
+                               _shard_bytes(cache))
+    try:
+        compiled = jax.jit(step, donate_argnums=(1,), out_shardings=(rows, cache_sh)).lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
+        message = str(e).splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        temps = re.search(r"temporaries \(([\d.]+)G\)", message)
+        return report(_shard_bytes(args), 0, 0, int(float(temps.group(1)) * GiB) if temps else 0, 0,
+                      time.perf_counter() - began, message)
     mem = compiled.memory_analysis()
-    return DecodeFitReport(tpu, dict(mesh.shape), cfg, batch, cache_len, _shard_bytes(state), _shard_bytes(cache),
-                           mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                           mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, time.perf_counter() - began)
+    return report(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                  mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, time.perf_counter() - began)
 
 
 def prefill_memory(config: Any, tpu: Slice, batch: int, prompt_len: int, cache_len: int,
