@@ -13,8 +13,8 @@
 #            when the run ends, the run directory (metrics, TensorBoard, HF export) in gs://BUCKET/RUN/output
 #   onpolicy on every worker: python -m simpo_jax.onpolicy --config ... --stage STAGE (on-policy preference data:
 #            sample, score, binarize), detached like train; worker 0 first copies gs://BUCKET/RUN/output (the
-#            shards of an earlier, stopped run) into its output directory, so a new slice resumes it; when the
-#            command ends the output directory goes back to gs://BUCKET/RUN/output
+#            shards of an earlier, stopped run) into its output directory, so a new slice resumes it; the output
+#            directory goes to gs://BUCKET/RUN/output every 5 minutes while the command runs, and when it ends
 #   logs     stream worker 0's training (or onpolicy) log
 #   stop     SIGTERM the training on every worker: it saves a checkpoint of the current step and exits (an
 #            onpolicy run stops too: its finished shards are kept, the current one is redone on resume)
@@ -227,14 +227,16 @@ cmd_onpolicy() {
   # Process 0 (worker 0) writes the shards: it starts from what an earlier run left in the bucket (if anything).
   on_workers 0 "mkdir -p $out && if gcloud storage ls $BUCKET/$run_id/output/ > /dev/null 2>&1; then \
 gcloud storage rsync --recursive $BUCKET/$run_id/output $out; fi"
-  start_job "$run_id" "$out" "$command$overrides"
+  # The shards go to the bucket every 5 minutes while it runs: a preempted slice loses at most that much.
+  start_job "$run_id" "$out" "$command$overrides" "env SIMPO_JAX_SYNC_EVERY=300 "
 }
 
-# Run `command` on every worker through launch/worker.sh (detached, or with --wait in the foreground).
+# Run `command` on every worker through launch/worker.sh (detached, or with --wait in the foreground); `env`
+# prefixes worker.sh with variable assignments.
 start_job() {
-  local run_id="$1" out="$2" command="$3"
+  local run_id="$1" out="$2" command="$3" env="${4:-}"
   # launch/worker.sh loads the shared environment, runs the command and copies the run directory to the bucket.
-  local job="launch/worker.sh $out $BUCKET/$run_id/output $command" log="\$HOME/simpo_jax_${run_id//\//_}.log"
+  local job="${env}launch/worker.sh $out $BUCKET/$run_id/output $command" log="\$HOME/simpo_jax_${run_id//\//_}.log"
   [[ -z "$FETCH" ]] || (( WAIT )) || die "--fetch needs --wait"
   if (( ! WAIT )); then
     on_workers all "cd ~/$REMOTE_DIR && nohup $job > $log 2>&1 < /dev/null &"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On each TPU worker (started by `launch/tpu.sh train`): load the shared environment, run the training
-# command, then copy the run directory (metrics, TensorBoard, HF export) to the bucket. Exits with the
-# training command's status.
+# On each TPU worker (started by `launch/tpu.sh train` / `onpolicy`): load the shared environment, run the
+# command, then copy the run directory (metrics, TensorBoard, HF export; on-policy shards) to the bucket. Exits
+# with the command's status. With SIMPO_JAX_SYNC_EVERY=N (seconds) the directory is also copied every N seconds
+# while the command runs, so that a preempted worker loses at most N seconds of finished files.
 #
 #   launch/worker.sh OUTPUT_DIR GS_DESTINATION COMMAND [ARGS ...]
 set -uo pipefail
@@ -18,7 +19,22 @@ fi
 trap 'echo "worker.sh: SIGTERM: waiting for the training to save its checkpoint" >&2' TERM
 "$@" &
 child=$!
+syncer=""
+if [[ "${SIMPO_JAX_SYNC_EVERY:-0}" =~ ^[1-9][0-9]*$ ]]; then
+  (
+    trap - TERM
+    while sleep "$SIMPO_JAX_SYNC_EVERY" && kill -0 "$child" 2>/dev/null; do
+      [[ -d "$out" ]] && { gcloud storage rsync --recursive "$out" "$destination" \
+        || echo "warning: copying $out to $destination failed (will retry)" >&2; }
+    done
+  ) &
+  syncer=$!
+fi
 until wait "$child"; status=$?; ! kill -0 "$child" 2>/dev/null; do :; done
+if [[ -n "$syncer" ]]; then
+  kill "$syncer" 2>/dev/null
+  wait "$syncer" 2>/dev/null
+fi
 if [[ -d "$out" ]]; then
   gcloud storage rsync --recursive "$out" "$destination" || echo "warning: copying $out to $destination failed" >&2
 fi

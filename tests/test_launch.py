@@ -97,6 +97,8 @@ def test_onpolicy_resumes_from_the_bucket_on_worker_zero_then_runs_on_every_work
                        "--output", "$HOME/runs/llama3_8b_instruct_onpolicy", "--stage", "sample",
                        "--config.generate.max_prompts=512"]
     assert words[words.index("launch/worker.sh") + 2] == "gs://my-bucket/simpo/llama3_8b_instruct_onpolicy/output"
+    assert words[words.index("launch/worker.sh") - 2:words.index("launch/worker.sh")] == [
+        "env", "SIMPO_JAX_SYNC_EVERY=300"]  # shards reach the bucket while it runs
     proc = subprocess.run(["bash", str(TPU), "onpolicy", "--dry-run", *COMMON, *onpolicy, "--stage", "train"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--stage must be all, sample or score" in proc.stderr
@@ -153,6 +155,22 @@ def test_the_worker_command_runs_training_then_copies_outputs(tmp_path):
                       "--config.loss.beta=10 SHARED_SETTING=from-env-file")
     assert gcloud.startswith(f"gcloud storage rsync --recursive {home}/runs/llama3_8b_instruct "
                              "gs://my-bucket/simpo/llama3_8b_instruct/output")
+
+
+def test_the_worker_copies_the_output_while_the_command_runs_with_a_sync_period(tmp_path):
+    """SIMPO_JAX_SYNC_EVERY=1: copies during a 3-second command, then the final copy; the exit status is kept."""
+    bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f'#!/bin/bash\necho "gcloud $*" >> {calls}\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    env = dict(os.environ, HOME=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}", SIMPO_JAX_SYNC_EVERY="1")
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "worker.sh"), str(out), "gs://b/run/output", "bash", "-c",
+                           f"mkdir -p {out}; sleep 3.5; exit 3"], env=env, timeout=60)
+    assert proc.returncode == 3
+    copies = calls.read_text().splitlines()
+    assert len(copies) >= 3 and set(copies) == {f"gcloud storage rsync --recursive {out} gs://b/run/output"}
+    time.sleep(1.5)
+    assert len(calls.read_text().splitlines()) == len(copies)  # the periodic copies stopped with the command
 
 
 def test_sigterm_to_a_waiting_train_stops_the_slices_training_and_waits_for_it(tmp_path):
