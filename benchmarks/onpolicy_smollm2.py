@@ -86,7 +86,7 @@ def main() -> None:
               f"score {sample['score']:+.4f}  {sample['text'][:70]!r}")
     pairs = transformers_scores(config.judge.reward_model, rows)
     print(f"scores vs transformers (fp32, {len(pairs)} answers): max |difference| "
-          f"{max(abs(a - b) for a, b in pairs):.2e}")
+          f"{max((abs(a - b) for a, b in pairs), default=float('nan')):.2e}")
 
 
 if __name__ == "__main__":

@@ -19,23 +19,30 @@ fi
 trap 'echo "worker.sh: SIGTERM: waiting for the training to save its checkpoint" >&2' TERM
 "$@" &
 child=$!
+# Files being written (.tmp-*, renamed when whole) are never copied.
+copy() { gcloud storage rsync --recursive --exclude='(^|.*/)\.tmp-[^/]*$' "$out" "$destination"; }
 syncer=""
 if [[ "${SIMPO_JAX_SYNC_EVERY:-0}" =~ ^[1-9][0-9]*$ ]]; then
   (
-    trap - TERM
-    while sleep "$SIMPO_JAX_SYNC_EVERY" && kill -0 "$child" 2>/dev/null; do
-      [[ -d "$out" ]] && { gcloud storage rsync --recursive "$out" "$destination" \
-        || echo "warning: copying $out to $destination failed (will retry)" >&2; }
+    # Stopped by a TERM: the sleep ends at once, a copy in progress first finishes (bash runs the trap after it).
+    nap=""
+    trap '[[ -n "$nap" ]] && kill "$nap" 2>/dev/null; exit 0' TERM
+    while kill -0 "$child" 2>/dev/null; do
+      sleep "$SIMPO_JAX_SYNC_EVERY" &
+      nap=$!
+      wait "$nap"
+      kill -0 "$child" 2>/dev/null || break
+      [[ -d "$out" ]] && { copy || echo "warning: copying $out to $destination failed (will retry)" >&2; }
     done
-  ) &
+  ) < /dev/null &
   syncer=$!
 fi
 until wait "$child"; status=$?; ! kill -0 "$child" 2>/dev/null; do :; done
-if [[ -n "$syncer" ]]; then
+if [[ -n "$syncer" ]]; then  # the periodic copies end before the last one starts
   kill "$syncer" 2>/dev/null
-  wait "$syncer" 2>/dev/null
+  until wait "$syncer" 2>/dev/null; ! kill -0 "$syncer" 2>/dev/null; do :; done
 fi
 if [[ -d "$out" ]]; then
-  gcloud storage rsync --recursive "$out" "$destination" || echo "warning: copying $out to $destination failed" >&2
+  copy || echo "warning: copying $out to $destination failed" >&2
 fi
 exit "$status"

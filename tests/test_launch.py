@@ -13,6 +13,7 @@ TPU = ROOT / "launch" / "tpu.sh"
 SECRET = "hf_do_not_print_me_42"
 COMMON = ["--name", "simpo-run", "--zone", "us-east5-a", "--project", "my-project"]
 TRAIN = ["--config", "configs/llama3_8b_instruct.py:v5p-16", "--bucket", "gs://my-bucket/simpo/"]
+EXCLUDE = r"--exclude=(^|.*/)\.tmp-[^/]*$"  # worker.sh never copies files being written
 
 
 def dry_run(command, *args, env=None):
@@ -153,24 +154,37 @@ def test_the_worker_command_runs_training_then_copies_outputs(tmp_path):
                       f"--config.train.output_dir={home}/runs/llama3_8b_instruct "
                       "--config.checkpoint.directory=gs://my-bucket/simpo/llama3_8b_instruct/checkpoints "
                       "--config.loss.beta=10 SHARED_SETTING=from-env-file")
-    assert gcloud.startswith(f"gcloud storage rsync --recursive {home}/runs/llama3_8b_instruct "
+    assert gcloud.startswith(f"gcloud storage rsync --recursive {EXCLUDE} {home}/runs/llama3_8b_instruct "
                              "gs://my-bucket/simpo/llama3_8b_instruct/output")
 
 
 def test_the_worker_copies_the_output_while_the_command_runs_with_a_sync_period(tmp_path):
-    """SIMPO_JAX_SYNC_EVERY=1: copies during a 3-second command, then the final copy; the exit status is kept."""
+    """SIMPO_JAX_SYNC_EVERY=1: copies during a 3.5-second command, then the final copy, never two at once; the
+    exit status is kept, and nothing outlives the worker (its output pipe closes when the command ends)."""
     bin_dir, calls, out = tmp_path / "bin", tmp_path / "calls", tmp_path / "out"
     bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text(f'#!/bin/bash\necho "gcloud $*" >> {calls}\n')
+    # A copy takes 0.3 s and records its start and end: overlapping copies would interleave.
+    (bin_dir / "gcloud").write_text(f'#!/bin/bash\necho "start $*" >> {calls}\nsleep 0.3\necho end >> {calls}\n')
     (bin_dir / "gcloud").chmod(0o755)
-    env = dict(os.environ, HOME=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}", SIMPO_JAX_SYNC_EVERY="1")
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "worker.sh"), str(out), "gs://b/run/output", "bash", "-c",
-                           f"mkdir -p {out}; sleep 3.5; exit 3"], env=env, timeout=60)
-    assert proc.returncode == 3
-    copies = calls.read_text().splitlines()
-    assert len(copies) >= 3 and set(copies) == {f"gcloud storage rsync --recursive {out} gs://b/run/output"}
+
+    def worker(period, seconds):
+        env = dict(os.environ, HOME=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}",
+                   SIMPO_JAX_SYNC_EVERY=str(period))
+        began = time.time()
+        proc = subprocess.run(["bash", str(ROOT / "launch" / "worker.sh"), str(out), "gs://b/run/output", "bash",
+                               "-c", f"mkdir -p {out}; sleep {seconds}; exit 3"], env=env, capture_output=True,
+                              timeout=60)
+        return proc.returncode, time.time() - began
+
+    status, _ = worker(1, 3.5)
+    assert status == 3
+    lines = calls.read_text().splitlines()
+    assert len(lines) >= 6 and lines[0::2] == [f"start storage rsync --recursive {EXCLUDE} {out} gs://b/run/output"] * (
+        len(lines) // 2) and lines[1::2] == ["end"] * (len(lines) // 2)  # copies one after another
     time.sleep(1.5)
-    assert len(calls.read_text().splitlines()) == len(copies)  # the periodic copies stopped with the command
+    assert len(calls.read_text().splitlines()) == len(lines)  # the periodic copies stopped with the command
+    status, seconds = worker(30, 1)  # a long period: its sleep must not hold the output open
+    assert status == 3 and seconds < 10
 
 
 def test_sigterm_to_a_waiting_train_stops_the_slices_training_and_waits_for_it(tmp_path):

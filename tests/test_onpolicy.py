@@ -219,6 +219,10 @@ def test_changed_settings_and_changed_prompt_sources_are_one_line_errors(built, 
     root, rm, _, out, _ = built
     with pytest.raises(ConfigError, match="onpolicy config field 'temperature'.*made with 0.8, this run asks for 0.7"):
         build(_config(root, rm, **{"onpolicy.temperature": 0.7}), str(out))
+    with pytest.raises(ConfigError, match="generate config field 'checkpoint'"):  # another policy: a trained one
+        build(_config(root, rm, **{"generate.checkpoint": str(tmp_path)}), str(out))
+    with pytest.raises(ConfigError, match="train config field 'seed'"):  # another random init
+        build(_config(root, rm, **{"train.seed": 1}), str(out))
     with pytest.raises(UserError, match="the prompts of split 'train' are not those"):  # other rows, same settings
         build(_config(root, rm, **{"data.seed": 7}), str(out))
     with pytest.raises(ConfigError, match="onpolicy config field 'seeds'"):

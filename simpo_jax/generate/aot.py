@@ -115,7 +115,7 @@ def check_decode_fit(config: Any, tpu: Slice, batch: int, cache_len: int, device
     try:
         compiled = jax.jit(step, donate_argnums=(1,), out_shardings=(rows, cache_sh)).lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
-        message = str(e).splitlines()[0]
+        message = (str(e).splitlines() or [""])[0]
         if "RESOURCE_EXHAUSTED" not in message:
             raise
         temps = re.search(r"temporaries \(([\d.]+)G\)", message)

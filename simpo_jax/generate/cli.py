@@ -146,7 +146,7 @@ def build_sampler(rc: RunConfig, model: Decoder, tokenizer: Any, mesh: Any, sour
     gen = rc.run["generate"]
     config_eos = model.cfg.eos_token_id
     eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
-    eos |= generation_eos(source if source and _is_hf(source) else "")
+    eos |= generation_eos(source if source and _is_hf(source) else rc.model.get("hf_path") or "")
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, gen.seed)
     return Sampler(model, params, batch_size=gen.batch_size, buckets=gen.buckets(rc.data.max_prompt_length),
                    eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,

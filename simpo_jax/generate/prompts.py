@@ -42,11 +42,13 @@ def load_rows(gen: GenerateConfig, data: DataConfig, extras: dict,
 
         check(split in (None, "train", "test"), "onpolicy", "splits",
               f"the built-in task has splits train and test, not {split!r}")
-        train, test, _ = builtin_dataset(extras["builtin"], extras.get("builtin_train_rows") or 4096 if split == "train"
-                                         else 1, extras.get("builtin_eval_rows") or 256, data.seed)
+        train_rows = (extras.get("builtin_train_rows") or 4096) if split == "train" else 1
+        train, test, _ = builtin_dataset(extras["builtin"], train_rows, extras.get("builtin_eval_rows") or 256,
+                                         data.seed)
         rows, name = (train if split == "train" else test), extras["builtin"]
     else:
-        check(bool(data.path), "generate", "prompts", "set generate.prompts (or data.path for the run's eval split)")
+        check(bool(data.path), "generate", "prompts", "set generate.prompts (or data.path: its " +
+              (f"{split!r} split)" if split else "eval split)"))
         rows = load_split(data.path, split or data.eval_split or gen.split)
         name = os.path.basename(data.path.rstrip("/"))
     if gen.max_prompts:

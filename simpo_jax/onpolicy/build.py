@@ -30,7 +30,7 @@ from simpo_jax.generate.config import GenerateConfig
 from simpo_jax.onpolicy.choose import binarize
 from simpo_jax.onpolicy.config import SAMPLING
 from simpo_jax.onpolicy.files import (check_manifest, from_main, read_lines, remove_partial_files, shard_path,
-                                      write_lines, write_manifest)
+                                      together, write_lines, write_manifest)
 from simpo_jax.onpolicy.prompts import OnPolicyPrompt, build_split_prompts, fingerprint, load_split_rows
 
 STAGES = ("all", "sample", "score")
@@ -89,16 +89,17 @@ def sampling_config(gen: GenerateConfig, op: Any) -> GenerateConfig:
 
 
 def settings(rc: Any, source: str, stage: str, fingerprints: dict[str, str]) -> dict[str, Any]:
-    """What the samples and scores depend on, as `<section>:<field>` keys (None: not compared or recorded)."""
+    """What the samples and scores depend on, as `<section>:<field>` keys (None: not compared or recorded: the
+    reward model's settings in a sampling-only run)."""
     gen, op, judge, extras = rc.run["generate"], rc.run["onpolicy"], rc.run["judge"], rc.run["data_extras"]
     scoring, random_init = stage != "sample", not source
-    return {
-        "model:hf_path": rc.model.get("hf_path") or None, "generate:checkpoint": gen.checkpoint or None,
-        "model:preset": rc.model.get("preset") if random_init else None,
-        "train:seed": int(rc.run["train"]["seed"]) if random_init else None,
+    return {  # the policy and the prompt source: always recorded ("" / -1 when unset), so that setting one is a change
+        "model:hf_path": rc.model.get("hf_path") or "", "generate:checkpoint": gen.checkpoint,
+        "model:preset": (rc.model.get("preset") or "") if random_init else "",
+        "train:seed": int(rc.run["train"]["seed"]) if random_init else -1,
         "model:dtype": rc.model.get("dtype"), "model:param_dtype": rc.model.get("param_dtype"),
-        "generate:prompts": gen.prompts or None, "data:builtin": extras.get("builtin") or None,
-        "data:path": rc.data.path if not (gen.prompts or extras.get("builtin")) else None,
+        "generate:prompts": gen.prompts, "data:builtin": extras.get("builtin") or "",
+        "data:path": rc.data.path if not (gen.prompts or extras.get("builtin")) else "",
         "generate:prompt_column": gen.prompt_column, "generate:max_prompts": gen.max_prompts,
         "generate:seed": gen.seed, "generate:prompt_buckets": list(gen.buckets(rc.data.max_prompt_length)),
         **{f"onpolicy:{name}": getattr(op, name) for name in SAMPLING},
@@ -125,7 +126,7 @@ class Builder:
         if stage != "sample":  # a wrong path fails now, not after a shard of sampling
             from simpo_jax.models.hf_import import resolve_model_dir
 
-            self.judge_path = resolve_model_dir(self.judge_cfg["reward_model"], "judge.reward_model")
+            self.judge_path = together(lambda: resolve_model_dir(self.judge_cfg["reward_model"], "judge.reward_model"))
         self.mesh = self.rc.mesh.build()
         self.source = model_source(self.rc)
         self.tokenizer = load_tokenizer_for(self.rc, self.source)
@@ -187,7 +188,7 @@ class Builder:
     def run(self) -> list[SplitSummary]:
         """Do this stage's work on every split; returns the splits' summaries."""
         start = time.time()
-        plans = self._plans()
+        plans = together(self._plans)
         fingerprints = {split: fingerprint([p for shard in shards for p in shard]) for split, shards, _ in plans}
         if not distributed.same_on_every_process(json.dumps(fingerprints, sort_keys=True)):
             raise UserError("the processes read different prompts (their copies of the prompt source, the tokenizer "
@@ -222,13 +223,11 @@ class Builder:
             records = from_main(lambda: check_ids(read_lines(path), [p.prompt_id for p in shard], path))
         else:
             records = self.sample(split, shard, bars[0])
-            if self.main:
-                write_lines(shard_path(self.output, "samples", split, index), records)
+            from_main(lambda: write_lines(shard_path(self.output, "samples", split, index), records))
         if self.stage == "sample":
             return
         records = self.score(records)
-        if self.main:
-            write_lines(shard_path(self.output, "scored", split, index), records)
+        from_main(lambda: write_lines(shard_path(self.output, "scored", split, index), records))
         if bars[1] is not None:
             bars[1].update(1)
 

@@ -91,16 +91,38 @@ def write_manifest(output: str, manifest: dict[str, Any]) -> None:
 
 
 def from_main(work: Callable[[], Any]) -> Any:
-    """`work()` run on process 0, its JSON result (or the UserError it raised) on every process."""
+    """`work()` run on process 0, its JSON result (or the error it raised) on every process.
+
+    Any error on process 0 reaches the others (a UserError as itself, anything else as a UserError naming it),
+    so that no process waits in a collective for one that has stopped; process 0 re-raises its own."""
     if jax.process_count() == 1:
         return work()
-    outcome = ""
+    outcome, error = "", None
     if jax.process_index() == 0:
         try:
             outcome = json.dumps({"value": work()})
-        except UserError as e:
-            outcome = json.dumps({"error": str(e), "config": isinstance(e, ConfigError)})
+        except Exception as e:  # noqa: BLE001 -- every process must hear of it
+            error = e
+            outcome = json.dumps({"error": str(e) if isinstance(e, UserError) else
+                                  f"process 0 failed ({type(e).__name__}: {e}); see its log",
+                                  "config": isinstance(e, ConfigError)})
     result = json.loads(broadcast_text(outcome))
+    if error is not None:
+        raise error
     if "error" in result:
         raise (ConfigError if result["config"] else UserError)(result["error"])
     return result["value"]
+
+
+def together(work: Callable[[], Any]) -> Any:
+    """`work()` on every process; a UserError on any of them stops all of them (each with its message, the
+    others with a pointer to it), instead of leaving the rest waiting in the next collective."""
+    from simpo_jax.distributed import any_process
+
+    try:
+        value, error = work(), None
+    except UserError as e:
+        value, error = None, e
+    if any_process(error is not None):
+        raise error if error is not None else UserError("another process stopped with an error (see its log)")
+    return value

@@ -38,8 +38,9 @@ def prompt_hash(value: Any) -> str:
 def load_split_rows(split: str, gen: Any, data: Any, extras: dict, splits: int) -> tuple[list[dict], str]:
     """The raw rows of one split (at most `generate.max_prompts`) and the source's name."""
     source = gen.prompts or ("" if extras.get("builtin") else data.path)
-    check(splits == 1 or not os.path.isfile(source), "onpolicy", "splits",
-          f"{source} is one file, which has one split: name one split, or use a dataset with several")
+    single = bool(source) and (os.path.isfile(source) or os.path.isfile(os.path.join(source, "dataset_info.json")))
+    check(splits == 1 or not single, "onpolicy", "splits",
+          f"{source} holds one split: name one split, or use a dataset with several")
     return load_rows(gen, data, extras, split=split)
 
 
