@@ -190,7 +190,7 @@ def test_ties_and_identical_answers_are_counted_and_left_out(tmp_path):
 
 
 def test_the_sampler_stops_at_every_eos_of_the_generation_config(tmp_path):
-    from simpo_jax.generate.cli import generation_eos
+    from simpo_jax.generate.sampler import generation_eos
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
     assert generation_eos(str(tmp_path)) == {128001, 128009}

@@ -26,7 +26,7 @@ from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config
 from simpo_jax.data import load_tokenizer
 from simpo_jax.errors import check
 from simpo_jax.generate.prompts import Prompt, build_prompts, load_rows
-from simpo_jax.generate.sampler import Sampler, SamplingParams
+from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
 from simpo_jax.models.decoder import Decoder
 from simpo_jax.models.hf_import import load_hf
 
@@ -127,29 +127,14 @@ def prompt_key(prompt_id: str) -> int:
     return zlib.crc32(prompt_id.encode()) & 0x7FFFFFFF
 
 
-def generation_eos(source: str) -> set[int]:
-    """The EOS ids of `source`'s generation_config.json (Llama-3-Instruct: <|end_of_text|> and <|eot_id|>)."""
-    path = os.path.join(source, "generation_config.json") if source else ""
-    if not path or not os.path.isfile(path):
-        return set()
-    try:
-        with open(path) as f:
-            value = json.load(f).get("eos_token_id")
-    except (OSError, ValueError):
-        return set()
-    return {int(e) for e in np.atleast_1d(value).tolist()} if value is not None else set()
-
-
 def build_sampler(rc: RunConfig, model: Decoder, tokenizer: Any, mesh: Any, source: str = "") -> Sampler:
     """The generate section's sampler: its settings, batch and buckets; EOS = the tokenizer's, the model config's
     and `source`'s generation config's (as transformers and vLLM stop)."""
     gen = rc.run["generate"]
-    config_eos = model.cfg.eos_token_id
-    eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
-    eos |= generation_eos(source if source and _is_hf(source) else rc.model.get("hf_path") or "")
+    eos = stop_ids(tokenizer, model.cfg, source if source and _is_hf(source) else rc.model.get("hf_path") or "")
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, gen.seed)
     return Sampler(model, params, batch_size=gen.batch_size, buckets=gen.buckets(rc.data.max_prompt_length),
-                   eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,
+                   eos_ids=eos, pad_id=tokenizer.pad_token_id,
                    bos_id=tokenizer.bos_token_id, mesh=mesh)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import NamedTuple, Sequence
+import json
+import os
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +84,26 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     """The smallest bucket holding `length` tokens (the largest when none does: longer prompts are cut)."""
     fits = [b for b in sorted(buckets) if b >= length]
     return fits[0] if fits else max(buckets)
+
+
+def generation_eos(source: str) -> set[int]:
+    """The EOS ids of `source`'s generation_config.json (Llama-3-Instruct: <|end_of_text|> and <|eot_id|>)."""
+    path = os.path.join(source, "generation_config.json") if source else ""
+    if not path or not os.path.isfile(path):
+        return set()
+    try:
+        with open(path) as f:
+            value = json.load(f).get("eos_token_id")
+    except (OSError, ValueError):
+        return set()
+    return {int(e) for e in np.atleast_1d(value).tolist()} if value is not None else set()
+
+
+def stop_ids(tokenizer: Any, model_cfg: Any, source: str = "") -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS, the model config's, and `source`'s generation config's."""
+    config_eos = model_cfg.eos_token_id
+    eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
+    return sorted(int(e) for e in eos | generation_eos(source) if e is not None)
 
 
 class Sampler:

@@ -36,7 +36,7 @@ from simpo_jax.distributed import broadcast_text
 from simpo_jax.errors import check
 from simpo_jax.generate.config import PROMPT_COLUMNS
 from simpo_jax.generate.prompts import build_prompts, load_rows
-from simpo_jax.generate.sampler import Sampler, SamplingParams
+from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
 from simpo_jax.judging.counting import counting_accuracy, counting_correct
 from simpo_jax.judging.metrics import generation_metrics
 from simpo_jax.judging.reward import prompt_turns
@@ -84,12 +84,10 @@ class GenerationMonitor:
         column = gen.prompt_column or next(c for c in PROMPT_COLUMNS if c in rows[0])
         self.judge_prompts = [_judge_prompt(row[column]) for row in rows]
         model = nnx.merge(graphdef, params)  # on the training params (no copy); each call swaps in the current ones
-        model_eos = model.cfg.eos_token_id
-        eos = {tokenizer.eos_token_id} | set(np.atleast_1d(model_eos).tolist() if model_eos is not None else ())
         self.sampler = Sampler(model, SamplingParams(max_new_tokens=gen.max_new_tokens),
                                batch_size=min(len(self.prompts), gen.batch_size),
                                buckets=gen.buckets(rc.data.max_prompt_length),
-                               eos_ids=sorted(e for e in eos if e is not None), pad_id=tokenizer.pad_token_id,
+                               eos_ids=stop_ids(tokenizer, model.cfg), pad_id=tokenizer.pad_token_id,
                                bos_id=tokenizer.bos_token_id, mesh=mesh)
         self.sampler.state = None
         self.initial_rows: list[dict] | None = None
