@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from simpo_jax.models.decoder import Decoder
+from simpo_jax.models.layers import softcap
 from simpo_jax.sharding import constrain
 
 
@@ -26,10 +27,11 @@ class SequenceLogps(NamedTuple):
 
 
 def logps_from_hidden(hidden: jax.Array, kernel: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
-                      loss_mask: jax.Array, chunk_len: int = 256) -> SequenceLogps:
+                      loss_mask: jax.Array, chunk_len: int = 256, logit_cap: float | None = None) -> SequenceLogps:
     """`hidden [N, L, d]`, `kernel [d, vocab]`; masks `[N, L]`. Returns per-sequence sums in float32.
 
-    `chunk_len` positions at a time, recomputed in the backward; 0: all at once, kept (no recomputation)."""
+    `chunk_len` positions at a time, recomputed in the backward; 0: all at once, kept (no recomputation).
+    `logit_cap`: Gemma-2's final soft-cap, applied to the logits before everything else."""
     n, length, d = hidden.shape
     targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
     token_mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
@@ -48,7 +50,7 @@ def logps_from_hidden(hidden: jax.Array, kernel: jax.Array, input_ids: jax.Array
     def one_chunk(carry, xs):
         h, tgt, tmask, pmask = xs
         logits = jnp.einsum("ncd,dv->ncv", h, kernel, preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("activation_batch", None, "activation_vocab"))
+        logits = constrain(softcap(logits, logit_cap), ("activation_batch", None, "activation_vocab"))
         target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         logp = (target_logit - jax.nn.logsumexp(logits, axis=-1)) * tmask
         logits_sum = jax.lax.stop_gradient(jnp.sum(logits, axis=-1)) * pmask
@@ -65,4 +67,5 @@ def sequence_logps(model: Decoder, input_ids: jax.Array, attention_mask: jax.Arr
                    chunk_len: int = 256) -> SequenceLogps:
     """Run the decoder (right-padded rows, positions 0..L-1) and reduce to per-sequence sums."""
     out = model(input_ids, attention_mask=attention_mask, return_logits=False)
-    return logps_from_hidden(out.hidden, model.lm_head_kernel(), input_ids, attention_mask, loss_mask, chunk_len)
+    return logps_from_hidden(out.hidden, model.lm_head_kernel(), input_ids, attention_mask, loss_mask, chunk_len,
+                             model.cfg.final_logit_softcap)

@@ -42,7 +42,17 @@ HF_VARIANTS = {
     "mistral_v03": ("mistral", dict(rope_theta=1000000.0, sliding_window=None)),
     # Mistral-NeMo style: head_dim set explicitly, not hidden_size / heads.
     "mistral_head_dim": ("mistral", dict(rope_theta=1000000.0, sliding_window=None, head_dim=24)),
+    # Gemma-2: 4 layers (sliding, global, sliding, global), window 7, GeGLU, sandwich (1 + w) norms, scaled
+    # embeddings, a query scale that is not head_dim's, and soft-caps low enough to bend the tiny model's values.
+    "gemma2": ("gemma2", dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=7,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0, rope_theta=10000.0,
+                              hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    # Qwen2.5 (small sizes): q/k/v biases, theta 1e6, tied embeddings, no sliding window.
+    "qwen2": ("qwen2", dict(rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)),
+    # Qwen3: q/k RMSNorm per head, head_dim set explicitly (24, not 64 / 4), untied.
+    "qwen3": ("qwen3", dict(rope_theta=1000000.0, head_dim=24, tie_word_embeddings=False)),
 }
+FAMILY_CLASSES = {"llama": "Llama", "mistral": "Mistral", "gemma2": "Gemma2", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def make_hf_model(variant: str, out_dir, seed: int = 0, **overrides):
@@ -63,12 +73,26 @@ def _make_tiny(variant: str, out_dir, seed: int, head: str, overrides: dict):
     family, extra = HF_VARIANTS[variant]
     kwargs = {**TINY, **extra, **overrides}
     torch.manual_seed(seed)
-    name = "Llama" if family == "llama" else "Mistral"
+    name = FAMILY_CLASSES[family]
     model = getattr(transformers, name + head)(getattr(transformers, name + "Config")(**kwargs))
     model.config._attn_implementation = "eager"
     model.eval()
+    if family in ("gemma2", "qwen2", "qwen3"):
+        _randomize_norms_and_biases(model, plus_one=family == "gemma2")
     model.save_pretrained(str(out_dir))
     return model
+
+
+def _randomize_norms_and_biases(model, plus_one: bool) -> None:
+    """transformers initializes norms to the identity and biases to 0; random ones make them show in tests."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+            elif "norm" in name:
+                param.normal_(0.0 if plus_one else 1.0, 0.1)
 
 
 def right_padded_batch(vocab: int, batch: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,8 @@
 
 The cache holds keys and values `[layers, batch, kv_heads, length, head_dim]`; slot `j` of a row holds the
 token at index `j` of its left-padded sequence. A row's RoPE position is its index less its left padding, so
-every row starts at position 0. Keys are masked when they are padding, in the future, or (Mistral) at least
-`sliding_window` tokens older than the query, as in training's `make_attention_mask`.
+every row starts at position 0. Keys are masked when they are padding, in the future, or (Mistral, Gemma-2's
+sliding layers) at least `sliding_window` tokens older than the query, as in training's `make_attention_mask`.
 """
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from simpo_jax.models.decoder import Decoder, make_attention_mask
-from simpo_jax.models.layers import _MASKED, TOKENS_EMBED, TOKENS_HEADS, DecoderLayer
+from simpo_jax.models.decoder import Decoder, embed, make_attention_mask, scan_layers
+from simpo_jax.models.layers import _MASKED, DecoderLayer, softcap
 from simpo_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 from simpo_jax.sharding import constrain
 
@@ -48,10 +47,8 @@ def cache_mask(pad: jax.Array, start: jax.Array, length: int, cache_len: int, wi
 def _write_kv(attn: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, k_all: jax.Array, v_all: jax.Array,
               index, start, batch: int) -> tuple[jax.Array, jax.Array]:
     """Project `x [batch*len, embed]` to rotated keys and values and write them into layer `index` at `start`."""
-    cfg, dt = attn.cfg, attn.cfg.compute_dtype
-    k = constrain(jnp.einsum("td,dnh->tnh", x, attn.k_proj[...].astype(dt)), TOKENS_HEADS)
-    v = constrain(jnp.einsum("td,dnh->tnh", x, attn.v_proj[...].astype(dt)), TOKENS_HEADS)
-    k = apply_rope(k, cos, sin)
+    cfg = attn.cfg
+    k, v = apply_rope(attn.project(x, "k"), cos, sin), attn.project(x, "v")
     shape = (1, batch, -1, cfg.num_kv_heads, cfg.head_dim)
     new_k, new_v = (t.reshape(shape).transpose(0, 1, 3, 2, 4) for t in (k, v))
     zero = jnp.zeros((), jnp.int32)
@@ -67,29 +64,27 @@ def _attend_cache(attn: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, mask:
     cfg, dt = attn.cfg, attn.cfg.compute_dtype
     batch, length, _ = mask.shape
     kv, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    q = constrain(jnp.einsum("td,dnh->tnh", x, attn.q_proj[...].astype(dt)), TOKENS_HEADS)
-    q = apply_rope(q, cos, sin).reshape(batch, length, kv, groups, h)
-    s = jnp.einsum("blkgh,bksh->bkgls", q, keys) * jnp.asarray(h ** -0.5, dt)
-    s = jnp.where(mask[:, None, None], s.astype(jnp.float32), _MASKED)
+    q = apply_rope(attn.project(x, "q"), cos, sin).reshape(batch, length, kv, groups, h)
+    s = jnp.einsum("blkgh,bksh->bkgls", q, keys) * jnp.asarray(cfg.attention_scale, dt)
+    s = softcap(s.astype(jnp.float32), cfg.attn_logit_softcap)
+    s = jnp.where(mask[:, None, None], s, _MASKED)
     probs = jax.nn.softmax(s, axis=-1).astype(dt)
-    out = jnp.einsum("bkgls,bksh->blkgh", probs, values).reshape(batch * length, cfg.num_heads, h)
-    return jnp.einsum("tnh,nhd->td", out, attn.o_proj[...].astype(dt))
+    return attn.output(jnp.einsum("bkgls,bksh->blkgh", probs, values).reshape(batch * length, cfg.num_heads, h))
 
 
-def _layer(layer: DecoderLayer, x, cos, sin, mask, k_all, v_all, index, start, prefill: bool):
+def _layer(layer: DecoderLayer, x, cos, sin, mask, k_all, v_all, index, start, prefill: bool, window):
     """One decoder layer. The prefill runs training's attention (splash on TPU, blocked on CPU) on the prompt
     and stores its keys/values; a decode step attends over the cache."""
     h = layer.input_layernorm(x)
     attn, batch = layer.self_attn, mask.shape[0]
     k_all, v_all = _write_kv(attn, h, cos, sin, k_all, v_all, index, start, batch)
     if prefill:
-        out = attn(h, cos, sin, mask)
+        out = attn(h, cos, sin, mask, window)
     else:
         keys = jax.lax.dynamic_index_in_dim(k_all, index, keepdims=False)
         values = jax.lax.dynamic_index_in_dim(v_all, index, keepdims=False)
         out = _attend_cache(attn, h, cos, sin, mask, keys, values)
-    x = constrain(x + out, TOKENS_EMBED)
-    return constrain(x + layer.mlp(layer.post_attention_layernorm(x)), TOKENS_EMBED), k_all, v_all
+    return layer.feed_forward(layer.add_attention(x, out)), k_all, v_all
 
 
 def cached_forward(model: Decoder, ids: jax.Array, pad: jax.Array, start: jax.Array, cache: KVCache,
@@ -102,26 +97,18 @@ def cached_forward(model: Decoder, ids: jax.Array, pad: jax.Array, start: jax.Ar
     cfg, dt = model.cfg, model.cfg.compute_dtype
     batch, length = ids.shape
     cache_len = cache.k.shape[3]
-    if prefill:
-        mask = make_attention_mask(jnp.arange(length)[None, :] >= pad[:, None], cfg.sliding_window)
-    else:
-        mask = cache_mask(pad, start, length, cache_len, cfg.sliding_window)
+    tokens = jnp.arange(length)[None, :] >= pad[:, None]
+    masks = {w: make_attention_mask(tokens, w) if prefill else cache_mask(pad, start, length, cache_len, w)
+             for w in set(cfg.windows)}
     positions = jnp.maximum(start + jnp.arange(length)[None, :] - pad[:, None], 0)
     cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
-    x = constrain(jnp.take(model.embed_tokens[...], ids.reshape(-1), axis=0).astype(dt), TOKENS_EMBED)
-    k_all, v_all = cache
-    if cfg.scan_layers:
-        graphdef, state = nnx.split(model.layers)
 
-        def body(carry, xs):
-            h, ka, va = carry
-            layer_state, index = xs
-            return _layer(nnx.merge(graphdef, layer_state), h, cos, sin, mask, ka, va, index, start, prefill), None
+    def step(layer, carry, window, index):
+        x, k_all, v_all = carry
+        return _layer(layer, x, cos, sin, masks[window], k_all, v_all, index, start, prefill, window)
 
-        (x, k_all, v_all), _ = jax.lax.scan(body, (x, k_all, v_all), (state, jnp.arange(cfg.num_layers)))
-    else:
-        for index, layer in enumerate(model.layers):
-            x, k_all, v_all = _layer(layer, x, cos, sin, mask, k_all, v_all, index, start, prefill)
+    x, k_all, v_all = scan_layers(cfg, model.layers, (embed(model, ids), *cache), step,
+                                  jnp.arange(cfg.num_layers))
     last = model.norm(x.reshape(batch, length, -1)[:, -1])
     last = constrain(last, ("activation_batch", "activation_embed"))
     return model.logits(last), KVCache(k_all, v_all)

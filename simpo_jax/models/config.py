@@ -8,7 +8,11 @@ import jax.numpy as jnp
 
 from simpo_jax.errors import ConfigError, check
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma2", "qwen2", "qwen3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
 ATTENTION_IMPLS = ("xla", "jax", "splash")
@@ -28,7 +32,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Llama-3 / Mistral decoder shape plus dtype, scan and remat options (hashable: it lives in the graphdef)."""
+    """Decoder shape (Llama-3, Mistral, Gemma-2, Qwen2.5, Qwen3) plus dtype, scan and remat options (hashable: it
+    lives in the graphdef). The family features are explicit flags, set from `model_type` by `from_hf_dict`."""
 
     vocab_size: int = 128256
     hidden_size: int = 4096
@@ -47,6 +52,17 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Family features (all off for Llama/Mistral).
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (Gemma's GeGLU)
+    qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head, before RoPE
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size) (rounded to the compute dtype)
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), all in float32
+    sandwich_norms: bool = False  # Gemma-2: norms after attention and around the MLP (4 per layer)
+    query_pre_attn_scalar: float | None = None  # Gemma-2: attention scale is this ** -0.5 (else head_dim ** -0.5)
+    attn_logit_softcap: float | None = None  # Gemma-2: scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma-2: logits -> cap * tanh(logits / cap)
+    layer_types: tuple[str, ...] | None = None  # per layer full_attention / sliding_attention (None: all alike)
     # Runtime options (not part of the architecture).
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
@@ -59,6 +75,8 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
 
     def validate(self) -> None:
@@ -75,6 +93,18 @@ class ModelConfig:
         _check(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         _check(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
                f"must be positive or None, got {self.sliding_window}")
+        _check(self.hidden_act in ACTIVATIONS, "hidden_act",
+               f"{self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if self.layer_types is not None:
+            _check(len(self.layer_types) == self.num_layers, "layer_types",
+                   f"has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            _check(not bad, "layer_types", f"{bad[0] if bad else ''!r} is not one of {', '.join(LAYER_TYPES)}")
+            _check(self.sliding_window is not None or "sliding_attention" not in self.layer_types, "sliding_window",
+                   "is required by layer_types' sliding_attention layers")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, f"must be positive or None, got {value}")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             _check(rs.rope_type in ROPE_TYPES, "rope_scaling.rope_type",
@@ -89,6 +119,9 @@ class ModelConfig:
                f"{self.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
         _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                f"{self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        _check(self.attention_impl != "jax" or self.attn_logit_softcap is None, "attention_impl",
+               "'jax' (jax.nn.dot_product_attention) has no logit soft-cap, which this model needs; use 'xla' or "
+               "'splash'")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated); unknown field names raise ConfigError."""
@@ -104,12 +137,39 @@ class ModelConfig:
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
 
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: global attention)."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
+
+    @property
+    def layer_period(self) -> int:
+        """The fewest layers after which the windows repeat (Gemma-2: 2), dividing num_layers: the scanned unit."""
+        windows = self.windows
+        for p in range(1, self.num_layers + 1):
+            if self.num_layers % p == 0 and all(windows[i] == windows[i % p] for i in range(self.num_layers)):
+                return p
+        return self.num_layers
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         d, f, h, n, k = self.hidden_size, self.intermediate_size, self.head_dim, self.num_heads, self.num_kv_heads
-        per_layer = d * h * (2 * n + 2 * k) + 3 * d * f + 2 * d
+        norms = (4 if self.sandwich_norms else 2) * d + (2 * h if self.qk_norm else 0)
+        bias = (n + 2 * k) * h if self.qkv_bias else 0
+        per_layer = d * h * (2 * n + 2 * k) + 3 * d * f + norms + bias
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_layers * per_layer + self.vocab_size * d + head + d
+
+    def num_embedding_params(self) -> int:
+        """Parameters of the embedding (and of an untied LM head): the part model cards leave out of
+        "non-embedding" counts."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
 
 def _check(ok: bool, field: str, message: str) -> None:
@@ -119,9 +179,13 @@ def _check(ok: bool, field: str, message: str) -> None:
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """Read RoPE theta and scaling from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`)."""
     params = hf.get("rope_parameters")
-    if isinstance(params, dict) and "rope_type" not in params and params:
-        # Per-layer-type form ({"full_attention": {...}}): not used by Llama/Mistral.
-        raise ConfigError("model config field 'rope_parameters': per-layer-type RoPE is not supported")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # Per-layer-type form ({"full_attention": {...}, "sliding_attention": {...}}): one RoPE for all only.
+        kinds = list(params.values())
+        if any(kind != kinds[0] for kind in kinds):
+            raise ConfigError("model config field 'rope_parameters': a different RoPE per layer type is not "
+                              "supported")
+        params = kinds[0]
     scaling = dict(params) if isinstance(params, dict) else dict(hf.get("rope_scaling") or {})
     theta = scaling.pop("rope_theta", None)
     if theta is None:
@@ -145,6 +209,36 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return float(theta), RopeScaling(rope_type=rope_type, **kwargs)
 
 
+def _layer_types(hf: dict[str, Any], model_type: str, layers: int) -> tuple[int | None, tuple[str, ...] | None]:
+    """The sliding window and per-layer attention kinds of a config.json (None, None: all global)."""
+    window = hf.get("sliding_window")
+    if model_type == "llama" or not window:
+        return None, None
+    if model_type == "mistral" and hf.get("use_sliding_window") is False:
+        return None, None
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):  # off by default
+        return None, None
+    types = hf.get("layer_types")
+    if not types:
+        if model_type == "gemma2":  # transformers' default: even layers slide, odd ones are global
+            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        elif model_type in ("qwen2", "qwen3"):
+            first = int(hf.get("max_window_layers", layers) or 0)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        else:
+            types = ["sliding_attention"] * layers
+    types = tuple(types)
+    if "sliding_attention" not in types:
+        return None, None
+    return int(window), (None if all(t == "sliding_attention" for t in types) else types)
+
+
+def _activation(hf: dict[str, Any], model_type: str) -> str:
+    if model_type == "gemma2":  # Gemma2MLP reads hidden_activation
+        return hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    return hf.get("hidden_act", "silu")
+
+
 def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
     """Build a ModelConfig from a Hugging Face `config.json` dict (transformers 4.x or 5.x form)."""
     model_type = hf.get("model_type")
@@ -154,22 +248,29 @@ def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if hf.get(field) is None:
             raise ConfigError(f"model config field {field!r}: missing from config.json")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"model config field 'hidden_act': {act!r} is not supported (only 'silu')")
+    act = _activation(hf, model_type)
+    if act not in ACTIVATIONS:
+        field = "hidden_activation" if model_type == "gemma2" else "hidden_act"
+        raise ConfigError(f"model config field {field!r}: {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
-            raise ConfigError(f"model config field {field!r}: biases are not supported")
+            raise ConfigError(f"model config field {field!r}: biases are not supported (only Qwen2's q/k/v biases)")
+    gemma = model_type == "gemma2"
     theta, scaling = _rope_from_hf(hf)
-    sliding = hf.get("sliding_window") if model_type == "mistral" else None
-    if model_type == "mistral" and hf.get("use_sliding_window") is False:
-        sliding = None
+    layers = int(hf["num_hidden_layers"])
+    window, types = _layer_types(hf, model_type, layers)
     eos = hf.get("eos_token_id")
+    family = dict(hidden_act=act, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", embed_scale=gemma,
+                  norm_plus_one=gemma, sandwich_norms=gemma)
+    if gemma:
+        family.update(query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+                      attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                      final_logit_softcap=hf.get("final_logit_softcapping"))
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
         intermediate_size=int(hf["intermediate_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=int(hf["num_attention_heads"]),
         num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
         head_dim=hf.get("head_dim") or None,
@@ -177,19 +278,20 @@ def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=int(sliding) if sliding else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        sliding_window=window,
+        layer_types=types,
         model_type=model_type,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"),
+        **family,
         **runtime,
     )
 
 
 def to_hf_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
     """A `config.json` dict readable by transformers 4.x and 5.x alike (RoPE written in both forms)."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[cfg.model_type]
     rope_v5: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     rope_v4 = None
     if cfg.rope_scaling is not None:
@@ -197,8 +299,9 @@ def to_hf_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
                    if cfg.rope_scaling.rope_type == "llama3" or k in ("rope_type", "factor")}
         rope_v5.update(rope_v4)
     eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+    types = ["sliding_attention" if w else "full_attention" for w in cfg.windows]
     out = {
-        "architectures": [arch],
+        "architectures": [ARCHITECTURES[cfg.model_type]],
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -207,11 +310,10 @@ def to_hf_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": cfg.hidden_act,
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": False,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": eos,
         "pad_token_id": cfg.pad_token_id,
@@ -222,8 +324,18 @@ def to_hf_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
         "dtype": dtype,
         "use_cache": True,
     }
+    if cfg.model_type != "qwen2":
+        out["attention_bias"] = False
     if cfg.model_type == "llama":
         out["mlp_bias"] = False
-    else:
+    elif cfg.model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
+    elif cfg.model_type == "gemma2":
+        out.update(hidden_activation=cfg.hidden_act, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                   attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap,
+                   sliding_window=cfg.sliding_window, layer_types=types, cache_implementation="hybrid")
+    else:  # qwen2, qwen3: transformers 4.x slides on the layers from max_window_layers on, 5.x reads layer_types
+        sliding = [i for i, w in enumerate(cfg.windows) if w]
+        out.update(use_sliding_window=bool(sliding), sliding_window=cfg.sliding_window, layer_types=types,
+                   max_window_layers=sliding[0] if sliding else cfg.num_layers)
     return out

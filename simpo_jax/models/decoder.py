@@ -1,14 +1,15 @@
-"""The Llama-3 / Mistral causal decoder: embeddings, (scanned, rematerialized) layers, final norm, LM head."""
+"""The causal decoder of every family: embeddings, (scanned, rematerialized) layers, final norm, LM head."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from simpo_jax.models.config import ModelConfig
-from simpo_jax.models.layers import TOKENS_EMBED, DecoderLayer, RMSNorm, make_param, remat_policy
+from simpo_jax.models.layers import TOKENS_EMBED, DecoderLayer, RMSNorm, make_param, remat_policy, softcap
 from simpo_jax.models.rope import inverse_frequencies, rope_tables
 from simpo_jax.sharding import constrain
 
@@ -27,6 +28,45 @@ def make_attention_mask(attention_mask: jax.Array, sliding_window: int | None) -
     if sliding_window is not None:
         allowed &= (idx[:, None] - idx[None, :]) < sliding_window
     return allowed[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def layer_masks(attention_mask: jax.Array, cfg: ModelConfig) -> dict[int | None, jax.Array]:
+    """The `[batch, q, kv]` mask of each distinct window among the layers (None: global)."""
+    return {w: make_attention_mask(attention_mask, w) for w in sorted(set(cfg.windows), key=str)}
+
+
+def embed(model: "Decoder", ids: jax.Array) -> jax.Array:
+    """Token embeddings `[tokens, embed]` in compute dtype (Gemma: times sqrt(hidden), rounded to that dtype)."""
+    cfg, dt = model.cfg, model.cfg.compute_dtype
+    x = jnp.take(model.embed_tokens[...], ids.reshape(-1), axis=0).astype(dt)
+    if cfg.embed_scale:
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+    return constrain(x, TOKENS_EMBED)
+
+
+def scan_layers(cfg: ModelConfig, layers: nnx.Module, carry: Any, step: Callable, extra: Any = None) -> Any:
+    """Apply `step(layer, carry, window, extra_i) -> carry` over the decoder's layers in order.
+
+    Scanned layers go `cfg.layer_period` at a time (Gemma-2: a sliding and a global layer per scan step), so
+    each layer's window stays static; `extra` (arrays with a leading layers axis) is split alongside."""
+    windows, period = cfg.windows, cfg.layer_period
+    if not cfg.scan_layers:
+        for i, layer in enumerate(layers):
+            carry = step(layer, carry, windows[i], jax.tree.map(lambda x: x[i], extra))
+        return carry
+    graphdef, state = nnx.split(layers)
+    groups = cfg.num_layers // period
+    grouped = jax.tree.map(lambda x: x.reshape(groups, period, *x.shape[1:]), (state, extra))
+
+    def body(carry, xs):
+        group_state, group_extra = xs
+        for j in range(period):
+            pick = functools.partial(lambda x, j: x[j], j=j)
+            layer = nnx.merge(graphdef, jax.tree.map(pick, group_state))
+            carry = step(layer, carry, windows[j], jax.tree.map(pick, group_extra))
+        return carry, None
+
+    return jax.lax.scan(body, carry, grouped)[0]
 
 
 def _stack_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -64,33 +104,27 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
-        mask = make_attention_mask(attention_mask, cfg.sliding_window)
+        masks = layer_masks(attention_mask, cfg)
         cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
-        x = constrain(jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(dt), TOKENS_EMBED)
-        x = self._run_layers(x, cos, sin, mask)
+        x = self._run_layers(embed(self, input_ids), cos, sin, masks)
         hidden = self.norm(x).reshape(batch, length, cfg.hidden_size)
         hidden = constrain(hidden, ("activation_batch", None, "activation_embed"))
         return DecoderOutput(self.logits(hidden) if return_logits else None, hidden)
 
-    def _run_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def _run_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                    masks: dict[int | None, jax.Array]) -> jax.Array:
         policy = remat_policy(self.cfg.remat_policy)
 
-        def layer_fn(graphdef):
-            def apply(state, h):
-                return nnx.merge(graphdef, state)(h, cos, sin, mask)
-            if policy is None:
-                return apply
-            return jax.checkpoint(apply, policy=policy, prevent_cse=not self.cfg.scan_layers)
-
-        if self.cfg.scan_layers:
-            graphdef, state = nnx.split(self.layers)
-            apply = layer_fn(graphdef)
-            x, _ = jax.lax.scan(lambda h, layer_state: (apply(layer_state, h), None), x, state)
-            return x
-        for layer in self.layers:
+        def step(layer, h, window, _):
             graphdef, state = nnx.split(layer)
-            x = layer_fn(graphdef)(state, x)
-        return x
+
+            def apply(state, h):
+                return nnx.merge(graphdef, state)(h, cos, sin, masks[window], window)
+            if policy is not None:
+                apply = jax.checkpoint(apply, policy=policy, prevent_cse=not self.cfg.scan_layers)
+            return apply(state, h)
+
+        return scan_layers(self.cfg, self.layers, x, step)
 
     def lm_head_kernel(self) -> jax.Array:
         """The `[embed, vocab]` output projection (the transposed embedding when tied), in compute dtype."""
@@ -98,12 +132,13 @@ class Decoder(nnx.Module):
         return w.astype(self.cfg.compute_dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Project hidden states `[..., embed]` to float32 logits `[..., vocab]`."""
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_kernel(), preferred_element_type=jnp.float32)
+        """Project hidden states `[..., embed]` to float32 logits `[..., vocab]` (soft-capped for Gemma-2)."""
+        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head_kernel(), preferred_element_type=jnp.float32)
+        return softcap(logits, self.cfg.final_logit_softcap)
 
 
 def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
-    """A randomly initialised decoder (normal(0.02) weights, unit norms) on the default device."""
+    """A randomly initialised decoder (normal(0.02) weights, identity norms) on the default device."""
     return Decoder(cfg, nnx.Rngs(params=seed))
 
 

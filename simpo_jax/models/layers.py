@@ -1,4 +1,9 @@
-"""Decoder building blocks (RMSNorm, grouped-query attention, SwiGLU MLP, decoder layer) as Flax NNX modules.
+"""Decoder building blocks (RMSNorm, grouped-query attention, gated MLP, decoder layer) as Flax NNX modules.
+
+One set of modules serves every family; `ModelConfig`'s flags switch the family features (Qwen2's q/k/v
+biases, Qwen3's q/k norms, Gemma-2's (1 + w) norms, sandwich norms, GeGLU, scale and logit soft-caps). A
+layer's attention kind (global or sliding window) is a static argument, not a parameter: stacked layers
+share one graph, and the decoder scans over groups of `cfg.layer_period` layers.
 
 Every parameter is an `nnx.Param` with `logical_axes` metadata (MaxText vocabulary: `embed`, `vocab`,
 `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, and `layers` for stacked weights); `simpo_jax.sharding`
@@ -39,15 +44,22 @@ def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, .
 
 
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm computed in float32, as transformers' LlamaRMSNorm."""
+    """Root-mean-square norm over the last axis, as transformers': Llama's (normalized in float32, then
+    `w * x` in x's dtype) or Gemma's (`(1 + w) * x` all in float32, weights initialized to 0)."""
 
-    def __init__(self, cfg: ModelConfig):
-        self.eps = cfg.rms_norm_eps
-        self.weight = make_param(None, (cfg.hidden_size,), ("norm",), cfg, init="ones")
+    def __init__(self, cfg: ModelConfig, dim: int | None = None):
+        self.eps, self.plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
+        shape = (dim or cfg.hidden_size,)
+        if self.plus_one:
+            self.weight = nnx.Param(jnp.zeros(shape, cfg.weight_dtype), logical_axes=("norm",))
+        else:
+            self.weight = make_param(None, shape, ("norm",), cfg, init="ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
@@ -61,33 +73,56 @@ class Attention(nnx.Module):
         self.k_proj = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.v_proj = make_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.o_proj = make_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
+        if cfg.qkv_bias:
+            self.q_bias = make_param(rngs, (n, h), ("heads", "head_dim"), cfg)
+            self.k_bias = make_param(rngs, (k, h), ("kv_heads", "head_dim"), cfg)
+            self.v_bias = make_param(rngs, (k, h), ("kv_heads", "head_dim"), cfg)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg, h)
+            self.k_norm = RMSNorm(cfg, h)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """`x [tokens, embed]`, rope tables `[tokens, head_dim]`, `mask [batch, q_len, kv_len]` (True = attend)."""
-        cfg, dt = self.cfg, self.cfg.compute_dtype
+    def project(self, x: jax.Array, name: str) -> jax.Array:
+        """`x [tokens, embed]` -> `[tokens, heads, head_dim]` for name q, k or v (bias and q/k norm included;
+        RoPE not yet applied)."""
+        dt = self.cfg.compute_dtype
+        out = jnp.einsum("td,dnh->tnh", x, getattr(self, f"{name}_proj")[...].astype(dt))
+        if self.cfg.qkv_bias:
+            out = out + getattr(self, f"{name}_bias")[...].astype(dt)
+        out = checkpoint_name(constrain(out, TOKENS_HEADS), {"q": "query_proj", "k": "key_proj", "v": "value_proj"}[name])
+        if self.cfg.qk_norm and name != "v":
+            out = getattr(self, f"{name}_norm")(out)
+        return out
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """Attention output `[tokens, heads, head_dim]` -> `[tokens, embed]`."""
+        return checkpoint_name(jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(self.cfg.compute_dtype)),
+                               "out_proj")
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 window: int | None = None) -> jax.Array:
+        """`x [tokens, embed]`, rope tables `[tokens, head_dim]`, `mask [batch, q_len, kv_len]` (True = attend;
+        already windowed when `window`, which the splash kernel needs statically)."""
+        cfg = self.cfg
         batch, length = mask.shape[0], mask.shape[1]
-        q = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.q_proj[...].astype(dt)), "query_proj")
-        k = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.k_proj[...].astype(dt)), "key_proj")
-        v = checkpoint_name(jnp.einsum("td,dnh->tnh", x, self.v_proj[...].astype(dt)), "value_proj")
-        q, k, v = (constrain(t, TOKENS_HEADS) for t in (q, k, v))
+        q, k, v = (self.project(x, name) for name in "qkv")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         q = q.reshape(batch, length, kv, groups, h)
         k = k.reshape(batch, length, kv, h)
         v = v.reshape(batch, length, kv, h)
+        scale, cap = cfg.attention_scale, cfg.attn_logit_softcap
         if cfg.attention_impl == "jax":
             out = jax.nn.dot_product_attention(
-                q.reshape(batch, length, kv * groups, h), k, v, mask=mask[:, None], scale=h ** -0.5)
+                q.reshape(batch, length, kv * groups, h), k, v, mask=mask[:, None], scale=scale)
         elif cfg.attention_impl == "splash":
             tokens = jnp.diagonal(mask, axis1=1, axis2=2)  # a token attends to itself; padding to nothing
-            out = splash_attention(q, k, v, tokens, h ** -0.5, cfg.sliding_window, attention_platform())
+            out = splash_attention(q, k, v, tokens, scale, window, attention_platform(), cap)
         elif use_blocked_attention():
-            out = causal_blocked_attention(q, k, v, mask, h ** -0.5, _query_block(length))
+            out = causal_blocked_attention(q, k, v, mask, scale, _query_block(length), cap)
         else:
-            probs = jax.nn.softmax(_scores(q, k, mask, h ** -0.5), axis=-1).astype(dt)
+            probs = jax.nn.softmax(_scores(q, k, mask, scale, cap)[0], axis=-1).astype(cfg.compute_dtype)
             out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
-        out = out.reshape(batch * length, cfg.num_heads, h)
-        return checkpoint_name(jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(dt)), "out_proj")
+        return self.output(out.reshape(batch * length, cfg.num_heads, h))
 
 
 def attention_platform() -> str:
@@ -106,15 +141,26 @@ def _query_block(length: int) -> int:
     return max(128, -(-length // 16))
 
 
-def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Masked float32 scores `[batch, kv_heads, groups, q_len, kv_len]`, the products in q's (compute) dtype."""
-    s = jnp.einsum("blkgh,bskh->bkgls", q, k) * jnp.asarray(scale, q.dtype)
-    return jnp.where(mask[:, None, None], s.astype(jnp.float32), _MASKED)
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(x / cap)` (Gemma-2's logit soft-capping); x itself when `cap` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float,
+            cap: float | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Masked float32 scores `[batch, kv_heads, groups, q_len, kv_len]` (the products in q's compute dtype,
+    soft-capped in float32 when `cap`), and the soft-cap's derivative (None without a cap)."""
+    s = (jnp.einsum("blkgh,bskh->bkgls", q, k) * jnp.asarray(scale, q.dtype)).astype(jnp.float32)
+    slope = None
+    if cap is not None:
+        t = jnp.tanh(s / cap)
+        s, slope = cap * t, 1.0 - t * t
+    return jnp.where(mask[:, None, None], s, _MASKED), slope
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                             block: int) -> jax.Array:
+                             block: int, cap: float | None = None) -> jax.Array:
     """Causal attention a block of queries at a time, each against only the keys up to its last row.
 
     `q [batch, len, kv_heads, groups, head_dim]`, `k, v [batch, len, kv_heads, head_dim]`, `mask [batch, q, kv]`
@@ -122,19 +168,19 @@ def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     about half of the score work; the backward recomputes each block's probabilities from the saved
     log-sum-exp (flash-attention style), so no `[batch, heads, len, len]` tensor is kept for the backward.
     Used on CPU, where it is about twice as fast as the one-block XLA path for 512 tokens; a fully masked row
-    gets uniform weights, as in the XLA path.
+    gets uniform weights, as in the XLA path. `cap`: Gemma-2's score soft-cap.
     """
-    return _blocked_forward(q, k, v, mask, scale, block)[0]
+    return _blocked_forward(q, k, v, mask, scale, block, cap)[0]
 
 
 def _blocks(length: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def _blocked_forward(q, k, v, mask, scale, block):
+def _blocked_forward(q, k, v, mask, scale, block, cap):
     outs, lses = [], []
     for start, end in _blocks(q.shape[1], block):
-        s = _scores(q[:, start:end], k[:, :end], mask[:, start:end, :end], scale)
+        s = _scores(q[:, start:end], k[:, :end], mask[:, start:end, :end], scale, cap)[0]
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - m)
         total = jnp.sum(p, axis=-1, keepdims=True)
@@ -145,17 +191,19 @@ def _blocked_forward(q, k, v, mask, scale, block):
     return out, (q, k, v, mask, out, lses)
 
 
-def _blocked_backward(scale, block, residuals, d_out):
+def _blocked_backward(scale, block, cap, residuals, d_out):
     q, k, v, mask, out, lses = residuals
     f32 = jnp.float32
     dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
     for (start, end), lse in zip(_blocks(q.shape[1], block), lses):
         qi, ki, vi, doi = q[:, start:end], k[:, :end], v[:, :end], d_out[:, start:end]
-        p = jnp.exp(_scores(qi, ki, mask[:, start:end, :end], scale) - lse)
+        s, slope = _scores(qi, ki, mask[:, start:end, :end], scale, cap)
+        p = jnp.exp(s - lse)
         # sum_s p * dp = sum_h d_out * out: a [batch, len, heads] reduction instead of one over the scores.
         delta = jnp.sum(doi.astype(f32) * out[:, start:end].astype(f32), axis=-1)
         dp = jnp.einsum("blkgh,bskh->bkgls", doi, vi, preferred_element_type=f32)
-        ds = (p * (dp - jnp.moveaxis(delta, 1, 3)[..., None]) * scale).astype(q.dtype)
+        ds = p * (dp - jnp.moveaxis(delta, 1, 3)[..., None]) * scale
+        ds = (ds if slope is None else ds * slope).astype(q.dtype)
         dq.append(jnp.einsum("bkgls,bskh->blkgh", ds, ki, preferred_element_type=f32).astype(q.dtype))
         dk = dk.at[:, :end].add(jnp.einsum("bkgls,blkgh->bskh", ds, qi, preferred_element_type=f32))
         dv = dv.at[:, :end].add(jnp.einsum("bkgls,blkgh->bskh", p.astype(v.dtype), doi, preferred_element_type=f32))
@@ -166,7 +214,7 @@ causal_blocked_attention.defvjp(_blocked_forward, _blocked_backward)
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`."""
+    """Gated feed-forward block: `down(act(gate(x)) * up(x))`, SwiGLU (silu) or Gemma's GeGLU (tanh GELU)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -179,21 +227,42 @@ class MLP(nnx.Module):
         dt = self.cfg.compute_dtype
         gate = checkpoint_name(x @ self.gate_proj[...].astype(dt), "mlpwi_0")
         up = checkpoint_name(x @ self.up_proj[...].astype(dt), "mlpwi_1")
-        hidden = constrain(jax.nn.silu(gate) * up, ("activation_tokens", "activation_mlp"))
+        act = jax.nn.silu(gate) if self.cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+        hidden = constrain(act * up, ("activation_tokens", "activation_mlp"))
         return checkpoint_name(hidden @ self.down_proj[...].astype(dt), "mlpwo")
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm transformer layer: attention then MLP, each with a residual connection."""
+    """Pre-norm transformer layer: attention then MLP, each with a residual connection. The norms keep
+    transformers' names: Llama's `post_attention_layernorm` is the MLP's input norm; with Gemma-2's sandwich
+    norms it normalizes the attention output, and `pre_`/`post_feedforward_layernorm` surround the MLP."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.sandwich = cfg.sandwich_norms
         self.input_layernorm = RMSNorm(cfg)
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = RMSNorm(cfg)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg)
+            self.post_feedforward_layernorm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = constrain(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), TOKENS_EMBED)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 window: int | None = None) -> jax.Array:
+        return self.feed_forward(self.add_attention(x, self.self_attn(self.input_layernorm(x), cos, sin, mask,
+                                                                       window)))
+
+    def add_attention(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+        """The residual stream after the attention block."""
+        if self.sandwich:
+            attn_out = self.post_attention_layernorm(attn_out)
+        return constrain(x + attn_out, TOKENS_EMBED)
+
+    def feed_forward(self, x: jax.Array) -> jax.Array:
+        """The MLP block with its norms and residual."""
+        if self.sandwich:
+            return constrain(x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))),
+                             TOKENS_EMBED)
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), TOKENS_EMBED)
 
 

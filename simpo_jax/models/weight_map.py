@@ -63,6 +63,7 @@ COPY_2D = Layout((0, 1), ((0,), (1,)))
 LINEAR = Layout((1, 0), ((0,), (1,)))  # HF [out, in] -> ours [in, out]
 HEADS_IN = Layout((2, 0, 1), ((0, 1), (2,)))  # HF [heads*head_dim, embed] -> ours [embed, heads, head_dim]
 HEADS_OUT = Layout((1, 2, 0), ((0,), (1, 2)))  # HF [embed, heads*head_dim] -> ours [heads, head_dim, embed]
+HEADS_BIAS = Layout((0, 1), ((0, 1),))  # HF [heads*head_dim] -> ours [heads, head_dim]
 
 _LAYER_PARAMS = {
     ("input_layernorm", "weight"): ("input_layernorm.weight", COPY),
@@ -74,6 +75,14 @@ _LAYER_PARAMS = {
     ("mlp", "gate_proj"): ("mlp.gate_proj.weight", LINEAR),
     ("mlp", "up_proj"): ("mlp.up_proj.weight", LINEAR),
     ("mlp", "down_proj"): ("mlp.down_proj.weight", LINEAR),
+    # Gemma-2's sandwich norms, Qwen2's q/k/v biases, Qwen3's q/k norms.
+    ("pre_feedforward_layernorm", "weight"): ("pre_feedforward_layernorm.weight", COPY),
+    ("post_feedforward_layernorm", "weight"): ("post_feedforward_layernorm.weight", COPY),
+    ("self_attn", "q_bias"): ("self_attn.q_proj.bias", HEADS_BIAS),
+    ("self_attn", "k_bias"): ("self_attn.k_proj.bias", HEADS_BIAS),
+    ("self_attn", "v_bias"): ("self_attn.v_proj.bias", HEADS_BIAS),
+    ("self_attn", "q_norm", "weight"): ("self_attn.q_norm.weight", COPY),
+    ("self_attn", "k_norm", "weight"): ("self_attn.k_norm.weight", COPY),
 }
 _TOP_PARAMS = {
     ("embed_tokens",): ("model.embed_tokens.weight", COPY_2D),
