@@ -69,7 +69,9 @@ def build_model(rc: RunConfig, mesh: Mesh, tokenizer: Any, seed: int) -> tuple[n
     return graphdef, params, cfg
 
 
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias", "qk_norm", "sandwich_norms",
+                "layer_types", "sliding_window")
 
 
 def _check_preset_shape(name: str | None, cfg: ModelConfig) -> None:

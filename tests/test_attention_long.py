@@ -1,5 +1,6 @@
 """Attention beyond one block: 320 tokens through the CPU blocked path and the one-block path, against
-transformers (fp32, right padding, a Mistral window crossing the 128-row query blocks) and against each other."""
+transformers (fp32, right padding, a Mistral window crossing the 128-row query blocks, Gemma-2's alternating
+sliding and soft-capped global layers) and against each other."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,12 +19,14 @@ TOL = 1e-4
 LENGTH = 320  # three query blocks of 128 rows (the last one partial)
 WINDOW = 150  # reaches back across a block boundary from every row of the second and third blocks
 LONG = dict(max_position_embeddings=512)
-VARIANTS = {"llama3": LONG, "mistral_window": dict(LONG, sliding_window=WINDOW)}
+VARIANTS = {"llama3": LONG, "mistral_window": dict(LONG, sliding_window=WINDOW),
+            "gemma2_window": dict(LONG, sliding_window=WINDOW)}
+BASE = {"llama3": "llama3", "mistral_window": "mistral_v01", "gemma2_window": "gemma2"}
 
 
 def _build(hf_dir, name: str):
-    """(directory, torch model) of a test variant: llama3, or Mistral v0.1 with a 150-token window."""
-    return hf_dir("llama3" if name == "llama3" else "mistral_v01", **VARIANTS[name])
+    """(directory, torch model) of a test variant: llama3, Mistral v0.1 or Gemma-2 with a 150-token window."""
+    return hf_dir(BASE[name], **VARIANTS[name])
 
 
 def _max_diff_on_tokens(ours, ref: np.ndarray, mask: np.ndarray) -> float:
@@ -39,9 +42,9 @@ def _use_path(monkeypatch: pytest.MonkeyPatch, blocked: bool) -> list[tuple[int,
     calls: list[tuple[int, int]] = []
     original = layers.causal_blocked_attention
 
-    def spy(q, k, v, mask, scale, block):
+    def spy(q, k, v, mask, scale, block, cap=None):
         calls.append((q.shape[1], block))
-        return original(q, k, v, mask, scale, block)
+        return original(q, k, v, mask, scale, block, cap)
 
     monkeypatch.setattr(layers, "causal_blocked_attention", spy)
     monkeypatch.setattr(layers, "use_blocked_attention", lambda: blocked)
@@ -75,9 +78,11 @@ def test_the_window_matters_at_this_length(hf_dir):
         assert _max_diff_on_tokens(wrong, ref, mask) > 10 * TOL, window
 
 
-def test_blocked_and_one_block_paths_agree_in_values_and_gradients(hf_dir, monkeypatch):
-    """The blocked path's custom backward gives the one-block path's gradients at 320 tokens (window, padding)."""
-    path, _ = _build(hf_dir, "mistral_window")
+@pytest.mark.parametrize("name", ["mistral_window", "gemma2_window"])
+def test_blocked_and_one_block_paths_agree_in_values_and_gradients(hf_dir, monkeypatch, name):
+    """The blocked path's custom backward gives the one-block path's (autodiff) gradients at 320 tokens (window,
+    padding; Gemma-2: through the score soft-cap's derivative too)."""
+    path, _ = _build(hf_dir, name)
     ids, mask = right_padded_batch(96, 3, LENGTH, seed=2)
     weights = np.random.default_rng(0).normal(size=(3, LENGTH, 96)).astype(np.float32) * mask[..., None]
     graphdef, state = nnx.split(load_hf(path, dtype="float32"))

@@ -11,7 +11,7 @@ from simpo_jax.models.hf_import import load_hf
 
 NEW = 64
 # Lengths 1..23 in one batch: left padding varies per row; prompt + output (>= 65) is far beyond the llama31
-# variant's original context (16) and Mistral's window (7).
+# variant's original context (16) and Mistral's and Gemma-2's window (7; Gemma-2 alternates it with global layers).
 LENGTHS = (5, 23, 1, 12)
 
 
@@ -49,7 +49,8 @@ def sampler(path, batch_size=4, buckets=(16, 32), eos=(), new=NEW, bos=None, **m
 
 
 @pytest.mark.parametrize("variant,scan", [("llama3", True), ("llama31", True), ("mistral_v01", True),
-                                          ("llama3", False), ("llama32_tied", True), ("mistral_head_dim", True)])
+                                          ("llama3", False), ("llama32_tied", True), ("mistral_head_dim", True),
+                                          ("gemma2", True), ("gemma2", False), ("qwen2", True), ("qwen3", True)])
 def test_greedy_matches_transformers(models, variant, scan):
     path, ref = models(variant)
     ps = prompts()

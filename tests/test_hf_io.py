@@ -30,7 +30,7 @@ def _round_params_to_bf16(model):
     return model
 
 
-@pytest.mark.parametrize("variant", ["llama3", "llama31", "llama32_tied", "mistral_v01"])
+@pytest.mark.parametrize("variant", ["llama3", "llama31", "llama32_tied", "mistral_v01", "gemma2", "qwen2", "qwen3"])
 def test_export_round_trip(hf_dir, tmp_path, variant):
     path, ref_model = hf_dir(variant)
     ids, mask = right_padded_batch(96, 3, 32)
@@ -141,6 +141,9 @@ def test_unused_tensors_are_reported(hf_dir):
     ({"attention_bias": True}, "attention_bias"),
     ({"num_key_value_heads": 3}, "num_kv_heads"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_scaling.rope_type"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "rope_parameters"),
+    ({"model_type": "gemma2", "hidden_activation": "gelu"}, "hidden_activation"),
 ])
 def test_unsupported_config_is_named(hf_dir, edit, field):
     path, _ = hf_dir("llama3")

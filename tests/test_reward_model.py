@@ -37,7 +37,8 @@ PROMPTS = ["from 5 by one", [{"role": "user", "content": "from 3"}, {"role": "as
 ANSWERS = ["6 7 8", "10 11", "41 42 43 44 45 46", "2", "18 19 20 21"]
 
 
-@pytest.mark.parametrize("variant,num_labels", [("llama3", 1), ("mistral_v01", 1), ("llama32_tied", 2)])
+@pytest.mark.parametrize("variant,num_labels", [("llama3", 1), ("mistral_v01", 1), ("llama32_tied", 2),
+                                                ("gemma2", 1), ("qwen2", 1), ("qwen3", 2)])
 def test_scores_match_transformers(tmp_path, variant, num_labels):
     from simpo_jax.models.reward import load_reward_model
 

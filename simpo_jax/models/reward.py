@@ -1,4 +1,5 @@
-"""Reward models: a Llama/Mistral decoder with a linear score head (HF `*ForSequenceClassification`).
+"""Reward models: a decoder of any supported family with a linear score head (HF `*ForSequenceClassification`,
+e.g. Skywork-Reward-Llama-3.1-8B or Skywork-Reward-Gemma-2-27B).
 
 The score is read at the last position whose `attention_mask` is 1. transformers reads it at the last
 token that is not `pad_token_id`; the two agree on right- or left-padded batches whenever the pad id does
@@ -28,7 +29,8 @@ from simpo_jax.sharding import DEFAULT_RULES, state_shardings
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("LlamaForSequenceClassification", "MistralForSequenceClassification")
+ARCHITECTURES = ("LlamaForSequenceClassification", "MistralForSequenceClassification",
+                 "Gemma2ForSequenceClassification", "Qwen2ForSequenceClassification", "Qwen3ForSequenceClassification")
 SCORE = ParamEntry(("score",), ("score.weight",), LINEAR, False)  # HF [num_labels, hidden] -> ours [hidden, labels]
 
 
@@ -88,7 +90,7 @@ def _entries(cfg: ModelConfig, state: Any) -> dict[int, tuple[ParamEntry, tuple[
 
 
 def load_reward_model(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> RewardModel:
-    """Load a HF `LlamaForSequenceClassification` / `MistralForSequenceClassification` directory.
+    """Load a HF `*ForSequenceClassification` directory of a supported family (`ARCHITECTURES`).
 
     `dtype` is both the parameter and the compute dtype (inference keeps no float32 master copy). With a
     mesh, every device reads only its own block (the training sharding rules), as `load_hf` does."""

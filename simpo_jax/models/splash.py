@@ -2,7 +2,8 @@
 
 The kernel never materializes a `[batch, heads, len, len]` score tensor (forward or backward), which is
 what lets long sequences and large models fit in HBM. Padding is expressed as segment ids (1 = token,
-0 = padding), causality and Mistral's sliding window as the kernel's block mask. On CPU the same kernel
+0 = padding), causality and a layer's sliding window (Mistral, Gemma-2's local layers) as the kernel's block
+mask, Gemma-2's score soft-cap as the kernel's `attn_logits_soft_cap`. On CPU the same kernel
 runs in Pallas' interpreter (slow; for tests); GPUs have no splash kernel.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ QKV_AXES = ("activation_batch", "activation_heads", None, None, None)  # [batch,
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array, scale: float,
-                     sliding_window: int | None, platform: str) -> jax.Array:
+                     sliding_window: int | None, platform: str, soft_cap: float | None = None) -> jax.Array:
     """`q [batch, len, kv_heads, groups, dim]`, `k, v [batch, len, kv_heads, dim]`, `tokens [batch, len]`
-    (True = token) -> `[batch, len, kv_heads, groups, dim]`, causal (and windowed) attention."""
+    (True = token) -> `[batch, len, kv_heads, groups, dim]`, causal (and windowed) attention. `soft_cap` bends
+    the scaled scores (`cap * tanh(s / cap)`), as the XLA path does."""
     check(platform in ("tpu", "cpu"), "model", "attention_impl",
           f"'splash' is a TPU kernel (interpreted on CPU, for tests); on {platform} use 'xla' or 'jax'")
     length = q.shape[1]
@@ -32,7 +34,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array
     q = jnp.pad(jnp.moveaxis(q * jnp.asarray(scale, q.dtype), 1, 3), ((0, 0),) * 3 + (extra, (0, 0)))
     k, v = (jnp.pad(jnp.moveaxis(t, 1, 2), ((0, 0),) * 2 + (extra, (0, 0))) for t in (k, v))
     segments = jnp.pad(tokens.astype(jnp.int32), ((0, 0), extra))  # q [b, kv, g, L, h], k/v [b, kv, L, h]
-    kernel, segment_ids = _kernel(padded, q.shape[2], sliding_window, platform != "tpu"), _modules()[0].SegmentIds
+    kernel, segment_ids = _kernel(padded, q.shape[2], sliding_window, platform != "tpu", soft_cap), _modules()[0].SegmentIds
 
     def attend(q, k, v, segments):
         def one(q, k, v, s):
@@ -62,7 +64,7 @@ def _modules():
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(length: int, groups: int, sliding_window: int | None, interpret: bool):
+def _kernel(length: int, groups: int, sliding_window: int | None, interpret: bool, soft_cap: float | None = None):
     """A multi-query splash kernel for one kv head's `groups` query heads (built once per shape).
 
     Built under `ensure_compile_time_eval`: the kernel holds its block-mask tables as arrays, and built inside
@@ -79,6 +81,6 @@ def _kernel(length: int, groups: int, sliding_window: int | None, interpret: boo
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     with jax.ensure_compile_time_eval():
         kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * groups), block_sizes=sizes,
-                                                  interpret=interpret)
+                                                  attn_logits_soft_cap=soft_cap, interpret=interpret)
     assert not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(kernel)), "splash kernel holds tracers"
     return kernel
