@@ -126,4 +126,8 @@ def model_config(model: dict, base: ModelConfig | None = None) -> ModelConfig:
     if base is None:
         base = preset(model["preset"]) if model.get("preset") else ModelConfig(**{
             k: v for k, v in overrides.items() if k not in MODEL_RUNTIME})
+    layers = overrides.get("num_layers")
+    if layers and base.layer_types and "layer_types" not in overrides:  # a shrunk Gemma-2 keeps its alternation
+        period = base.layer_types[:base.layer_period]
+        overrides["layer_types"] = tuple(period[i % len(period)] for i in range(layers))
     return base.replace(**overrides)

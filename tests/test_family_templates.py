@@ -203,7 +203,8 @@ def test_gemma2_stock_template_is_a_counted_template_error_not_a_crash(capsys):
         tok.apply_chat_template([_bot("Hello")], tokenize=False)
     for insert, refused in ((True, "System role not supported"), (False, "Conversation roles must alternate")):
         cfg = DataConfig(max_length=512, max_prompt_length=256, auto_insert_empty_system_msg=insert)
-        with pytest.raises(DataError, match=r"train split has no usable rows: \{'template_error': 8\}"):
+        with pytest.raises(DataError, match=r"train split has no usable rows: \{'template_error': 8\}; "
+                           f"the first, row 0: .*{refused}"):
             tokenize_dataset(rows, cfg, tok)
         assert "template_error" in capsys.readouterr().out  # the skip summary counts them
         with pytest.raises(DataError, match=f"train row 0: template_error: .*{refused}.*strict mode"):
@@ -275,15 +276,13 @@ def test_generation_prompt(family, template, want):
         assert prompt.instruction == "Hi"
 
 
-@pytest.mark.xfail(raises=jinja2.TemplateError, strict=True,
-                   reason="bug: simpo_jax/generate/prompts.py render() inserts the empty system turn, which Gemma-2's "
-                          "own template refuses ('System role not supported'); the Jinja error escapes")
 def test_generation_prompt_gemma2_stock_template():
     tok = gemma2_tokenizer()
     # The official on-policy generator (on_policy_data_gen/decode.py) renders [user] with Gemma's own template and
-    # no system turn. Either that string or a UserError that says what to set is acceptable; a Jinja traceback not.
-    try:
-        prompt, = build_prompts([{"prompt": "Hi"}], "x", GenerateConfig(), DataConfig(), tok)
-    except UserError:
-        return
+    # no system turn: the inserted empty one is dropped again when the template refuses it.
+    prompt, = build_prompts([{"prompt": "Hi"}], "x", GenerateConfig(), DataConfig(), tok)
     assert tok.decode(prompt.ids) == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    # A template error that is not about the inserted turn is one line naming the roles and data.chat_template.
+    with pytest.raises(UserError, match=r"roles \['assistant', 'user'\].*Conversation roles must alternate"):
+        build_prompts([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "Hi"}]}], "x",
+                      GenerateConfig(prompt_column="messages"), DataConfig(auto_insert_empty_system_msg=False), tok)

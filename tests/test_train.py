@@ -169,14 +169,26 @@ def test_step_one_loss_is_simpo_of_the_first_batch_scores(tmp_path):
     assert step_one["rewards/accuracies"] == pytest.approx(np.mean(logits + ratio > 0))
 
 
-def test_score_matches_transformers_on_the_same_tokens(tmp_path):
+# Gemma-2 2B's preset shrunk: alternating windows (shorter than most rows), soft-caps, tied head, GeGLU.
+GEMMA2 = {"model.preset": "gemma2-2b", "model.vocab_size": 512, "model.num_layers": 4, "model.max_position_embeddings": 512}
+
+
+@pytest.mark.parametrize("model", [{}, GEMMA2], ids=["llama", "gemma2"])
+def test_score_matches_transformers_on_the_same_tokens(tmp_path, model):
+    """Train, export (HF), score the export: transformers gives the same log-probs on the same tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from simpo_jax.config import build_run_config, model_config
     from simpo_jax.score import score
     from simpo_jax.train import run
 
-    run(tiny_config(tmp_path / "run", **{"train.max_steps": 3, "export.dtype": "float32"}))
+    config = tiny_config(tmp_path / "run", **{"train.max_steps": 3, "export.dtype": "float32"})
+    if model:
+        config.model.update({k.split(".")[1]: v for k, v in model.items()})
+        config.model.sliding_window = 24
+        assert model_config(build_run_config(config).model).windows == (24, None, 24, None)
+    run(config)
     hf_dir = tmp_path / "run" / "hf"
     config = tiny_config(tmp_path / "score", **{"score.dump_tokens": True, "score.batch_size": 5})
     config.model.preset, config.model.hf_path = "", str(hf_dir)

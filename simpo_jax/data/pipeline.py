@@ -147,7 +147,10 @@ def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any, nam
     if verbose:
         print(text, flush=True)
     if len(kept) == 0:
-        raise DataError(f"{name} split has no usable rows: {dict(skipped)}")
+        first = next((i for i, r in enumerate(reasons) if r), None)
+        example = "" if first is None else \
+            f"; the first, row {tokenized[first]['index']}: {tokenized[first]['skip_detail']}"
+        raise DataError(f"{name} split has no usable rows: {dict(skipped)}{example}")
     return kept.remove_columns(list(REPORT_COLUMNS)), skipped
 
 
