@@ -246,6 +246,24 @@ def test_qwen2_5_response_starts_with_the_default_system_turn():
     assert response.startswith(QWEN25_DEFAULT_SYSTEM)
 
 
+def test_a_template_that_puts_a_system_turn_in_every_response_is_named(capsys):
+    """Qwen2.5's default system turn would be scored silently: the tokenizer says so, once; Qwen3 and the Gemma-2
+    recipe template render none, and a template without it (data.chat_template) silences the warning."""
+    rows = Dataset.from_list([HI])
+    tokenize_dataset(rows, DataConfig(), qwen_tokenizer("qwen2_5.jinja"))
+    out = capsys.readouterr().out
+    assert out.count("warning: the chat template renders a system turn before every answer") == 1
+    assert "You are Qwen" in out and "data.chat_template" in out
+    tokenize_dataset(rows, DataConfig(), qwen_tokenizer("qwen3.jinja"))
+    shipped = (TEMPLATES / "qwen2_5.jinja").read_text()
+    no_default = shipped.replace(
+        "'<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n'",
+        "''")
+    assert no_default != shipped  # the default system turn of the no-tools branch is gone
+    tokenize_dataset(rows, DataConfig(chat_template=no_default), qwen_tokenizer("qwen2_5.jinja"))
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_qwen3_response_has_no_think_block():
     tok = qwen_tokenizer("qwen3.jinja")
     prompt, response = _one_row(tok, DataConfig(), HI)

@@ -109,6 +109,23 @@ def _render(tokenizer: Any, messages: list[dict], template: str | None) -> str:
                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
+PROBE = "\x00probe\x00"
+
+
+def response_system_preamble(tokenizer: Any, template: str | None) -> str:
+    """The system turn a template renders by itself before a lone assistant turn ("" when none).
+
+    The official rules render each response alone, so such a turn (Qwen2.5's default "You are Qwen ..." prompt,
+    Llama-3.1's knowledge-date header) is scored as part of every response and counted in its length."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "assistant", "content": PROBE}], tokenize=False,
+                                             chat_template=template)
+    except Exception:  # a template that refuses a lone answer: every row says so (template_error)
+        return ""
+    preamble = _strip_bos(text.split(PROBE)[0], tokenizer.bos_token)
+    return preamble if "system" in preamble.lower() else ""
+
+
 def _strip_bos(text: str, bos: str | None) -> str:
     return text[len(bos):] if bos and text.startswith(bos) else text
 

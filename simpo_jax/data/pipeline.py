@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import datasets
 
 from simpo_jax.data.config import DataConfig
-from simpo_jax.data.formats import MISTRAL_TEMPLATE, RowError, detect_format, row_to_text
+from simpo_jax.data.formats import MISTRAL_TEMPLATE, RowError, detect_format, response_system_preamble, row_to_text
 from simpo_jax.data.tokenization import PROMPT_CUT, PROMPT_OVERLONG, RESPONSES_CUT, tokenize_pair, tokenize_texts
 from simpo_jax.errors import UserError
 
@@ -120,6 +120,8 @@ def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any, nam
     cfg.validate()
     if len(raw) == 0:
         raise DataError(f"{name} split is empty")
+    if (detect_format(raw[0], cfg) if cfg.format == "auto" else cfg.format) in ("prompt_messages", "conversational"):
+        _warn_system_preamble(tokenizer, resolve_template(cfg), name, verbose)
     features = datasets.Features({
         "index": datasets.Value("int64"), "chosen_input_ids": datasets.Sequence(datasets.Value("int32")),
         "chosen_prompt_len": datasets.Value("int32"), "rejected_input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -152,6 +154,18 @@ def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any, nam
             f"; the first, row {tokenized[first]['index']}: {tokenized[first]['skip_detail']}"
         raise DataError(f"{name} split has no usable rows: {dict(skipped)}{example}")
     return kept.remove_columns(list(REPORT_COLUMNS)), skipped
+
+
+def _warn_system_preamble(tokenizer: Any, template: str | None, name: str, verbose: bool) -> None:
+    """Say so when the chat template puts a system turn into every rendered response (the official rules keep it)."""
+    preamble = response_system_preamble(tokenizer, template) if (template or tokenizer.chat_template) else ""
+    if preamble:
+        text = (f"{name}: warning: the chat template renders a system turn before every answer on its own "
+                f"({preamble[:80]!r}...); as in the official trainer it is scored as part of each response and "
+                "counted in its length (set data.chat_template to a template without it to leave it out)")
+        log.warning("%s", text)
+        if verbose:
+            print(text, flush=True)
 
 
 def skip_summary(name: str, summary: DataSummary, cfg: DataConfig) -> str:
