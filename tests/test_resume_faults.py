@@ -1,7 +1,6 @@
 """Resume after what a crash leaves behind: a cut-off metrics line, damaged checkpoints, SIGKILLs at random moments."""
 import glob
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
