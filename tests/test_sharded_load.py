@@ -72,3 +72,27 @@ def test_load_reads_only_each_devices_block(hf_dir, tmp_path, monkeypatch):
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     for name, tensor in ref_model.state_dict().items():
         np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), tensor.numpy())
+
+
+@multi_device(8)
+def test_family_tensors_load_into_their_shards(hf_dir):
+    """Qwen2's q/k/v biases shard over heads like their projections; Gemma-2's and Qwen3's extra norms are
+    replicated; the loaded models give transformers' logits on a (2, 2, 2) mesh."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    ids, mask = right_padded_batch(96, 4, 32)
+    specs = {"qwen2": {("layers", "self_attn", "q_bias"): P(None, "tensor", None),
+                       ("layers", "self_attn", "k_bias"): P(None, "tensor", None)},
+             "qwen3": {("layers", "self_attn", "q_norm", "weight"): P(None, None)},
+             "gemma2": {("layers", "pre_feedforward_layernorm", "weight"): P(None, None)}}
+    for variant, expected in specs.items():
+        path, ref_model = hf_dir(variant)
+        graphdef, state = nnx.split(hf_import.load_hf(path, dtype="float32", mesh=mesh))
+        flat = {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kp): v[...]
+                for kp, v in jax.tree_util.tree_flatten_with_path(
+                    state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
+        for key, spec in expected.items():
+            got = flat[key].sharding.spec
+            assert tuple(got) + (None,) * (len(spec) - len(got)) == tuple(spec), (variant, key, got)
+        logits = jax.jit(lambda st, i, m, g=graphdef: nnx.merge(g, st)(i, attention_mask=m).logits)(
+            state, jnp.asarray(ids), jnp.asarray(mask))
+        assert np.abs(np.asarray(logits) - torch_logits(ref_model, ids, mask))[mask.astype(bool)].max() <= 1e-4
