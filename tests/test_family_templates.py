@@ -304,3 +304,20 @@ def test_generation_prompt_gemma2_stock_template():
     with pytest.raises(UserError, match=r"roles \['assistant', 'user'\].*Conversation roles must alternate"):
         build_prompts([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "Hi"}]}], "x",
                       GenerateConfig(prompt_column="messages"), DataConfig(auto_insert_empty_system_msg=False), tok)
+
+
+def test_generation_stops_at_each_templates_end_of_turn():
+    """Gemma-2-9B-it's config.json names only <eos> (1): the end-of-turn token comes from the chat template, so
+    sampling stops at <end_of_turn> as at Qwen's <|im_end|>; a template ending turns with plain text adds none."""
+    from types import SimpleNamespace
+
+    from simpo_jax.generate.sampler import stop_ids, turn_end_id
+
+    gemma = gemma2_tokenizer()
+    end = gemma.convert_tokens_to_ids("<end_of_turn>")
+    recipe = _template("gemma2_simpo_recipe.jinja")
+    assert turn_end_id(gemma) == turn_end_id(gemma, recipe) == end
+    assert stop_ids(gemma, SimpleNamespace(eos_token_id=1), template=recipe) == sorted({1, end})
+    qwen = qwen_tokenizer("qwen3.jinja")
+    assert turn_end_id(qwen) == qwen.convert_tokens_to_ids("<|im_end|>") == qwen.eos_token_id
+    assert turn_end_id(gemma, "{% for m in messages %}{{ m['content'] }}\n{% endfor %}") is None

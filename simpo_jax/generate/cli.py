@@ -24,6 +24,7 @@ from simpo_jax.build import build_model, tokenizer_dir
 from simpo_jax.cli import run_command
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config
 from simpo_jax.data import load_tokenizer
+from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.errors import check
 from simpo_jax.generate.prompts import Prompt, build_prompts, load_rows
 from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
@@ -129,9 +130,10 @@ def prompt_key(prompt_id: str) -> int:
 
 def build_sampler(rc: RunConfig, model: Decoder, tokenizer: Any, mesh: Any, source: str = "") -> Sampler:
     """The generate section's sampler: its settings, batch and buckets; EOS = the tokenizer's, the model config's
-    and `source`'s generation config's (as transformers and vLLM stop)."""
+    `source`'s generation config's (as transformers and vLLM stop) and the chat template's end-of-turn token."""
     gen = rc.run["generate"]
-    eos = stop_ids(tokenizer, model.cfg, source if source and _is_hf(source) else rc.model.get("hf_path") or "")
+    eos = stop_ids(tokenizer, model.cfg, source if source and _is_hf(source) else rc.model.get("hf_path") or "",
+                   resolve_template(rc.data))
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p, gen.seed)
     return Sampler(model, params, batch_size=gen.batch_size, buckets=gen.buckets(rc.data.max_prompt_length),
                    eos_ids=eos, pad_id=tokenizer.pad_token_id,

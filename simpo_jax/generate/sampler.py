@@ -99,10 +99,29 @@ def generation_eos(source: str) -> set[int]:
     return {int(e) for e in np.atleast_1d(value).tolist()} if value is not None else set()
 
 
-def stop_ids(tokenizer: Any, model_cfg: Any, source: str = "") -> list[int]:
-    """The ids that end an answer: the tokenizer's EOS, the model config's, and `source`'s generation config's."""
+def turn_end_id(tokenizer: Any, template: str | None = None) -> int | None:
+    """The special token the chat template closes an assistant turn with (Gemma's <end_of_turn>, Llama-3's
+    <|eot_id|>, ChatML's <|im_end|>), or None. Gemma-2-9B-it's config.json names only <eos>."""
+    probe = "\x00answer\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False, chat_template=template)
+    except Exception:  # no template, or one that refuses this conversation: nothing to add
+        return None
+    after = text.split(probe, 1)[1] if probe in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0])
+    return int(ids[0]) if ids[0] in set(tokenizer.all_special_ids) or getattr(added, "special", False) else None
+
+
+def stop_ids(tokenizer: Any, model_cfg: Any, source: str = "", template: str | None = None) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS, the model config's, `source`'s generation config's, and the
+    token that ends an assistant turn in the chat template (`template`, else the tokenizer's)."""
     config_eos = model_cfg.eos_token_id
     eos = {tokenizer.eos_token_id} | set(np.atleast_1d(config_eos).tolist() if config_eos is not None else ())
+    eos |= {turn_end_id(tokenizer, template)}
     return sorted(int(e) for e in eos | generation_eos(source) if e is not None)
 
 

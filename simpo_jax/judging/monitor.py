@@ -36,6 +36,7 @@ from simpo_jax.distributed import broadcast_text
 from simpo_jax.errors import check
 from simpo_jax.generate.config import PROMPT_COLUMNS
 from simpo_jax.generate.prompts import build_prompts, load_rows
+from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
 from simpo_jax.judging.counting import counting_accuracy, counting_correct
 from simpo_jax.judging.metrics import generation_metrics
@@ -87,7 +88,8 @@ class GenerationMonitor:
         self.sampler = Sampler(model, SamplingParams(max_new_tokens=gen.max_new_tokens),
                                batch_size=min(len(self.prompts), gen.batch_size),
                                buckets=gen.buckets(rc.data.max_prompt_length),
-                               eos_ids=stop_ids(tokenizer, model.cfg), pad_id=tokenizer.pad_token_id,
+                               eos_ids=stop_ids(tokenizer, model.cfg, template=resolve_template(rc.data)),
+                               pad_id=tokenizer.pad_token_id,
                                bos_id=tokenizer.bos_token_id, mesh=mesh)
         self.sampler.state = None
         self.initial_rows: list[dict] | None = None
