@@ -24,6 +24,18 @@ PRESETS = {
     },
 }
 PRESETS["mistral-7b"] = dict(PRESETS["llama3-8b"])  # the same shape but vocabulary: the same splits fit
+# Gemma-2: the 256k vocabulary and 42 / 46 layers cost more than Llama-3-8B's (9B on a v6e-16: 61% of HBM).
+PRESETS["gemma2-9b"] = {
+    "v5p-16": dict(fsdp=8, tensor=1, remat_policy="full", micro_batches=2),
+    "v6e-16": dict(fsdp=16, tensor=1, remat_policy="full", micro_batches=4),
+}
+PRESETS["gemma2-27b"] = {
+    "v5p-32": dict(fsdp=16, tensor=1, remat_policy="full", micro_batches=4),
+    "v5p-64": dict(fsdp=32, tensor=1, remat_policy="full", micro_batches=2),
+    # One pair per chip per micro-batch: 78% of HBM; v6e-64 leaves more room.
+    "v6e-32": dict(fsdp=32, tensor=1, remat_policy="full", micro_batches=4),
+    "v6e-64": dict(fsdp=64, tensor=1, remat_policy="full", micro_batches=2),
+}
 
 
 def apply(c: ConfigDict, family: str, slice_name: str) -> ConfigDict:

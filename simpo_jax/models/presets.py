@@ -11,6 +11,7 @@ as `from_hf_dict` sets them from a config.json:
 - Qwen2.5 (0.5B / 7B / 72B): biases on the q, k and v projections; all layers global (use_sliding_window
   is false in every official config.json).
 - Qwen3 (0.6B / 8B / 32B): RMSNorm on each query and key head; head_dim 128 whatever hidden_size is.
+- Qwen: embeddings tied in the smallest size only (0.5B, 0.6B).
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def _gemma2(num_layers: int, eos_token_id: int | tuple[int, ...] = 1, **shape: A
                 rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=True, sliding_window=4096,
                 layer_types=tuple("full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)),
                 hidden_act="gelu_pytorch_tanh", embed_scale=True, norm_plus_one=True, sandwich_norms=True,
-                attn_logit_softcap=50.0, final_logit_softcap=30.0, bos_token_id=2, eos_token_id=eos_token_id, pad_token_id=0,
-                **shape)
+                attn_logit_softcap=50.0, final_logit_softcap=30.0, bos_token_id=2, eos_token_id=eos_token_id,
+                pad_token_id=0, **shape)
 
 
 def _qwen25(**shape: Any) -> dict[str, Any]:
