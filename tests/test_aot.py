@@ -42,7 +42,8 @@ def test_bad_slice_names(name, message):
 
 
 SETTINGS = {"llama3-8b": ["llama3_8b_instruct", "llama3_8b_base", "llama3_8b_instruct_dpo"],
-            "mistral-7b": ["mistral_7b_instruct", "mistral_7b_base"], "llama3-70b": ["llama3_70b_instruct"]}
+            "mistral-7b": ["mistral_7b_instruct", "mistral_7b_base"], "llama3-70b": ["llama3_70b_instruct"],
+            "gemma2-9b": ["gemma2_9b_it"], "gemma2-27b": ["gemma2_27b_it"]}
 
 
 def test_every_preset_mesh_matches_its_slice():

@@ -331,7 +331,9 @@ def to_hf_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
     elif cfg.model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
     elif cfg.model_type == "gemma2":
-        out.update(hidden_activation=cfg.hidden_act, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+        scalar = cfg.query_pre_attn_scalar  # transformers 5's Gemma2Config takes an int
+        scalar = int(scalar) if scalar is not None and float(scalar).is_integer() else scalar
+        out.update(hidden_activation=cfg.hidden_act, query_pre_attn_scalar=scalar,
                    attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap,
                    sliding_window=cfg.sliding_window, layer_types=types, cache_implementation="hybrid")
     else:  # qwen2, qwen3: transformers 4.x slides on the layers from max_window_layers on, 5.x reads layer_types
