@@ -8,7 +8,7 @@ from simpo_jax.data.config import DataConfig
 from simpo_jax.errors import ConfigError, check
 from simpo_jax.generate.config import GenerateConfig
 from simpo_jax.losses import LossConfig
-from simpo_jax.models.config import ModelConfig
+from simpo_jax.models.config import ModelConfig, check_family
 from simpo_jax.onpolicy.config import OnPolicyConfig
 from simpo_jax.optim import OptimizerConfig
 from simpo_jax.sharding import MeshConfig
@@ -130,4 +130,6 @@ def model_config(model: dict, base: ModelConfig | None = None) -> ModelConfig:
     if layers and base.layer_types and "layer_types" not in overrides:  # a shrunk Gemma-2 keeps its alternation
         period = base.layer_types[:base.layer_period]
         overrides["layer_types"] = tuple(period[i % len(period)] for i in range(layers))
-    return base.replace(**overrides)
+    cfg = base.replace(**overrides)
+    check_family(cfg)
+    return cfg

@@ -22,7 +22,8 @@ def _max_diff_on_tokens(ours, ref, mask) -> float:
     ("gemma2", True, {}), ("gemma2", False, {}), ("qwen2", True, {}), ("qwen3", True, {}),
     # Qwen2's own sliding rule: global below max_window_layers, windowed from there (no period: one scan step).
     ("qwen2", True, dict(use_sliding_window=True, sliding_window=7, max_window_layers=1)),
-], ids=["gemma2", "gemma2-unscanned", "qwen2", "qwen3", "qwen2-window"])
+    ("gemma2", True, dict(num_hidden_layers=5)),  # two scan steps of two layers, then the fifth alone
+], ids=["gemma2", "gemma2-unscanned", "qwen2", "qwen3", "qwen2-window", "gemma2-odd"])
 def test_logits_match_transformers(hf_dir, variant, scan, overrides):
     path, ref_model = hf_dir(variant, **overrides)
     ids, mask = right_padded_batch(96, 4, LENGTH)
@@ -44,7 +45,24 @@ def test_the_configs_are_read_as_the_families_define_them(hf_dir):
     qwen3 = read_hf_config(hf_dir("qwen3")[0])
     assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 24
     window = read_hf_config(hf_dir("qwen2", use_sliding_window=True, sliding_window=7, max_window_layers=1)[0])
-    assert window.windows == (None, 7, 7) and window.layer_period == 3
+    assert window.windows == (None, 7, 7) and window.layer_groups == ((0, 1, 1), (1, 3, 1))
+    assert read_hf_config(hf_dir("gemma2", num_hidden_layers=5)[0]).layer_groups == ((0, 4, 2), (4, 5, 1))
+    # Mistral slides on every layer whatever layer_types says (transformers' Mistral reads none).
+    mistral = read_hf_config(hf_dir("mistral_v01", layer_types=["full_attention", "sliding_attention"] * 2,
+                                    num_hidden_layers=4)[0])
+    assert mistral.windows == (7,) * 4
+
+
+def test_family_flags_must_match_the_architecture():
+    """A config-built model whose flags its architecture cannot express is refused up front (not at export)."""
+    from simpo_jax.config import model_config
+    from simpo_jax.errors import ConfigError
+    from simpo_jax.models.config import to_hf_dict
+
+    with pytest.raises(ConfigError, match="'qk_norm': must be False for model_type 'llama'"):
+        model_config({"preset": "tiny", "qk_norm": True})
+    with pytest.raises(ConfigError, match="'embed_scale': must be True for model_type 'gemma2'"):
+        to_hf_dict(model_config({"preset": "gemma2-2b"}).replace(embed_scale=False))
 
 
 def _with_config(model: Decoder, **changes) -> Decoder:

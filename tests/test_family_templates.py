@@ -264,6 +264,13 @@ def test_a_template_that_puts_a_system_turn_in_every_response_is_named(capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_a_bad_first_row_is_still_a_counted_skip():
+    """The template check looks at the first row's format; a first row without its answers is skipped, not fatal."""
+    rows = Dataset.from_list([{**HI, "chosen": None}, HI])
+    out, skipped = tokenize_dataset(rows, DataConfig(), qwen_tokenizer("qwen3.jinja"), verbose=False)
+    assert len(out) == 1 and skipped == {"missing_field": 1}
+
+
 def test_qwen3_response_has_no_think_block():
     tok = qwen_tokenizer("qwen3.jinja")
     prompt, response = _one_row(tok, DataConfig(), HI)

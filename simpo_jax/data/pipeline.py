@@ -120,7 +120,11 @@ def tokenize_dataset(raw: datasets.Dataset, cfg: DataConfig, tokenizer: Any, nam
     cfg.validate()
     if len(raw) == 0:
         raise DataError(f"{name} split is empty")
-    if (detect_format(raw[0], cfg) if cfg.format == "auto" else cfg.format) in ("prompt_messages", "conversational"):
+    try:
+        first_format = detect_format(raw[0], cfg) if cfg.format == "auto" else cfg.format
+    except RowError:  # a bad first row is skipped and counted below
+        first_format = ""
+    if first_format in ("prompt_messages", "conversational"):
         _warn_system_preamble(tokenizer, resolve_template(cfg), name, verbose)
     features = datasets.Features({
         "index": datasets.Value("int64"), "chosen_input_ids": datasets.Sequence(datasets.Value("int32")),

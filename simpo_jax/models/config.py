@@ -146,12 +146,24 @@ class ModelConfig:
 
     @property
     def layer_period(self) -> int:
-        """The fewest layers after which the windows repeat (Gemma-2: 2), dividing num_layers: the scanned unit."""
-        windows = self.windows
-        for p in range(1, self.num_layers + 1):
-            if self.num_layers % p == 0 and all(windows[i] == windows[i % p] for i in range(self.num_layers)):
-                return p
-        return self.num_layers
+        """The fewest layers after which the windows repeat (Gemma-2: 2; num_layers when they never do)."""
+        w, n = self.windows, self.num_layers
+        return next(p for p in range(1, n + 1) if all(w[i] == w[i % p] for i in range(n)))
+
+    @property
+    def layer_groups(self) -> tuple[tuple[int, int, int], ...]:
+        """`(start, stop, period)` of each scan over the layers: the repeating part a period at a time (Gemma-2: a
+        sliding and a global layer per step), then each run of equal windows one layer at a time (what is left
+        of a period; Qwen2's global layers, then its sliding ones)."""
+        w, n, p = self.windows, self.num_layers, self.layer_period
+        body = n - n % p if p < n else 0
+        groups = [(0, body, p)] if body else []
+        start = body
+        for i in range(body + 1, n + 1):
+            if i == n or w[i] != w[start]:
+                groups.append((start, i, 1))
+                start = i
+        return tuple(groups)
 
     @property
     def attention_scale(self) -> float:
@@ -209,24 +221,38 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return float(theta), RopeScaling(rope_type=rope_type, **kwargs)
 
 
+def family_flags(model_type: str) -> dict[str, bool]:
+    """The structural flags a family's transformers architecture implies."""
+    gemma = model_type == "gemma2"
+    return dict(qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", embed_scale=gemma,
+                norm_plus_one=gemma, sandwich_norms=gemma)
+
+
+def check_family(cfg: ModelConfig) -> None:
+    """Raise ConfigError when a flag differs from what `cfg.model_type`'s architecture implies: such a model
+    could be trained, but not exported as that architecture."""
+    for name, want in family_flags(cfg.model_type).items():
+        _check(getattr(cfg, name) == want, name, f"must be {want} for model_type {cfg.model_type!r} (its "
+               f"transformers architecture {ARCHITECTURES[cfg.model_type]} has it {'on' if want else 'off'})")
+
+
 def _layer_types(hf: dict[str, Any], model_type: str, layers: int) -> tuple[int | None, tuple[str, ...] | None]:
     """The sliding window and per-layer attention kinds of a config.json (None, None: all global)."""
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", 4096 if model_type == "gemma2" else None)  # transformers' defaults
     if model_type == "llama" or not window:
         return None, None
-    if model_type == "mistral" and hf.get("use_sliding_window") is False:
-        return None, None
+    if model_type == "mistral":  # every layer slides (transformers' Mistral reads no layer_types)
+        return (None, None) if hf.get("use_sliding_window") is False else (int(window), None)
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):  # off by default
         return None, None
     types = hf.get("layer_types")
     if not types:
         if model_type == "gemma2":  # transformers' default: even layers slide, odd ones are global
             types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-        elif model_type in ("qwen2", "qwen3"):
-            first = int(hf.get("max_window_layers", layers) or 0)
+        else:  # qwen2, qwen3: from max_window_layers on (transformers' default 28)
+            first = hf.get("max_window_layers")
+            first = 28 if first is None else int(first)
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-        else:
-            types = ["sliding_attention"] * layers
     types = tuple(types)
     if "sliding_attention" not in types:
         return None, None
@@ -260,12 +286,11 @@ def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
     layers = int(hf["num_hidden_layers"])
     window, types = _layer_types(hf, model_type, layers)
     eos = hf.get("eos_token_id")
-    family = dict(hidden_act=act, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", embed_scale=gemma,
-                  norm_plus_one=gemma, sandwich_norms=gemma)
-    if gemma:
-        family.update(query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
-                      attn_logit_softcap=hf.get("attn_logit_softcapping"),
-                      final_logit_softcap=hf.get("final_logit_softcapping"))
+    family = dict(hidden_act=act, **family_flags(model_type))
+    if gemma:  # a missing key takes Gemma2Config's default; an explicit null turns the feature off
+        family.update(query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+                      attn_logit_softcap=hf.get("attn_logit_softcapping", 50.0),
+                      final_logit_softcap=hf.get("final_logit_softcapping", 30.0))
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -273,7 +298,7 @@ def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
         num_layers=layers,
         num_heads=int(hf["num_attention_heads"]),
         num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-        head_dim=hf.get("head_dim") or None,
+        head_dim=hf.get("head_dim", 256 if gemma else None) or None,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -291,7 +316,9 @@ def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
 
 
 def to_hf_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
-    """A `config.json` dict readable by transformers 4.x and 5.x alike (RoPE written in both forms)."""
+    """A `config.json` dict readable by transformers 4.x and 5.x alike (RoPE written in both forms; per-layer
+    windows other than Gemma-2's alternation or Qwen's trailing block are read by 5.x only, from layer_types)."""
+    check_family(cfg)
     rope_v5: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     rope_v4 = None
     if cfg.rope_scaling is not None:

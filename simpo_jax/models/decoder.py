@@ -47,26 +47,29 @@ def embed(model: "Decoder", ids: jax.Array) -> jax.Array:
 def scan_layers(cfg: ModelConfig, layers: nnx.Module, carry: Any, step: Callable, extra: Any = None) -> Any:
     """Apply `step(layer, carry, window, extra_i) -> carry` over the decoder's layers in order.
 
-    Scanned layers go `cfg.layer_period` at a time (Gemma-2: a sliding and a global layer per scan step), so
-    each layer's window stays static; `extra` (arrays with a leading layers axis) is split alongside."""
-    windows, period = cfg.windows, cfg.layer_period
+    Scanned layers go by `cfg.layer_groups`, a period of layers per scan step (Gemma-2: a sliding and a global
+    layer), so each layer's window stays static; `extra` (arrays with a leading layers axis) is split alongside."""
+    windows = cfg.windows
     if not cfg.scan_layers:
         for i, layer in enumerate(layers):
             carry = step(layer, carry, windows[i], jax.tree.map(lambda x: x[i], extra))
         return carry
     graphdef, state = nnx.split(layers)
-    groups = cfg.num_layers // period
-    grouped = jax.tree.map(lambda x: x.reshape(groups, period, *x.shape[1:]), (state, extra))
+    for start, stop, period in cfg.layer_groups:
+        whole = (start, stop) == (0, cfg.num_layers)
+        part = jax.tree.map(lambda x: x if whole else x[start:stop], (state, extra))
+        grouped = jax.tree.map(lambda x: x.reshape((stop - start) // period, period, *x.shape[1:]), part)
 
-    def body(carry, xs):
-        group_state, group_extra = xs
-        for j in range(period):
-            pick = functools.partial(lambda x, j: x[j], j=j)
-            layer = nnx.merge(graphdef, jax.tree.map(pick, group_state))
-            carry = step(layer, carry, windows[j], jax.tree.map(pick, group_extra))
-        return carry, None
+        def body(carry, xs, start=start, period=period):
+            group_state, group_extra = xs
+            for j in range(period):
+                pick = functools.partial(lambda x, j: x[j], j=j)
+                layer = nnx.merge(graphdef, jax.tree.map(pick, group_state))
+                carry = step(layer, carry, windows[start + j], jax.tree.map(pick, group_extra))
+            return carry, None
 
-    return jax.lax.scan(body, carry, grouped)[0]
+        carry = jax.lax.scan(body, carry, grouped)[0]
+    return carry
 
 
 def _stack_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
