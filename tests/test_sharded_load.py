@@ -27,6 +27,7 @@ EXPECTED_SPECS = {  # (data=2, fsdp=2, tensor=2) with the default rules, scanned
 
 @multi_device(8)
 def test_load_reads_only_each_devices_block(hf_dir, tmp_path, monkeypatch):
+    """Llama-3 on two meshes (every read one device's block, export bit for bit), then the family tensors."""
     assert jax.device_count() == 8
     path, ref_model = hf_dir("llama3")
     ids, mask = right_padded_batch(96, 4, 32)
@@ -72,10 +73,10 @@ def test_load_reads_only_each_devices_block(hf_dir, tmp_path, monkeypatch):
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     for name, tensor in ref_model.state_dict().items():
         np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), tensor.numpy())
+    _check_family_tensors(hf_dir)
 
 
-@multi_device(8)
-def test_family_tensors_load_into_their_shards(hf_dir):
+def _check_family_tensors(hf_dir):
     """Qwen2's q/k/v biases shard over heads like their projections; Gemma-2's and Qwen3's extra norms are
     replicated; the loaded models give transformers' logits on a (2, 2, 2) mesh."""
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
