@@ -170,7 +170,8 @@ def test_step_one_loss_is_simpo_of_the_first_batch_scores(tmp_path):
 
 
 # Gemma-2 2B's preset shrunk: alternating windows (shorter than most rows), soft-caps, tied head, GeGLU.
-GEMMA2 = {"model.preset": "gemma2-2b", "model.vocab_size": 512, "model.num_layers": 4, "model.max_position_embeddings": 512}
+GEMMA2 = {"model.preset": "gemma2-2b", "model.vocab_size": 512, "model.num_layers": 4,
+          "model.max_position_embeddings": 512}
 
 
 def test_score_matches_transformers_on_the_same_tokens(tmp_path):

@@ -2,8 +2,8 @@
 
 Message lists are rendered with the training chat template (`data.chat_template` or the tokenizer's) plus the
 generation prompt, with training's empty-system-turn rule (dropped again for a template that refuses system
-turns, as Gemma-2's does); a trailing assistant turn is dropped (it is what is generated). String prompts become one user turn when there is a template (`generate.apply_chat_template`),
-else are used as they are. Token ids: no special tokens added by the tokenizer, BOS prepended unless present
+turns, as Gemma-2's does); a trailing assistant turn is dropped (it is what is generated). String prompts
+become one user turn when there is a template (`generate.apply_chat_template`), else are used as they are. Token ids: no special tokens added by the tokenizer, BOS prepended unless present
 (training's rule for prompts).
 """
 from __future__ import annotations

@@ -277,7 +277,8 @@ def from_hf_dict(hf: dict[str, Any], **runtime: Any) -> ModelConfig:
     act = _activation(hf, model_type)
     if act not in ACTIVATIONS:
         field = "hidden_activation" if model_type == "gemma2" else "hidden_act"
-        raise ConfigError(f"model config field {field!r}: {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        raise ConfigError(f"model config field {field!r}: {act!r} is not supported "
+                          f"(supported: {', '.join(ACTIVATIONS)})")
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
             raise ConfigError(f"model config field {field!r}: biases are not supported (only Qwen2's q/k/v biases)")

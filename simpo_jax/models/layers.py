@@ -3,7 +3,7 @@
 One set of modules serves every family; `ModelConfig`'s flags switch the family features (Qwen2's q/k/v
 biases, Qwen3's q/k norms, Gemma-2's (1 + w) norms, sandwich norms, GeGLU, scale and logit soft-caps). A
 layer's attention kind (global or sliding window) is a static argument, not a parameter: stacked layers
-share one graph, and the decoder scans over groups of `cfg.layer_period` layers.
+share one graph, and the decoder scans them by `cfg.layer_groups` (a window period of layers per step).
 
 Every parameter is an `nnx.Param` with `logical_axes` metadata (MaxText vocabulary: `embed`, `vocab`,
 `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, and `layers` for stacked weights); `simpo_jax.sharding`
@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("td,dnh->tnh", x, getattr(self, f"{name}_proj")[...].astype(dt))
         if self.cfg.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(dt)
-        out = checkpoint_name(constrain(out, TOKENS_HEADS), {"q": "query_proj", "k": "key_proj", "v": "value_proj"}[name])
+        out = checkpoint_name(constrain(out, TOKENS_HEADS), _QKV["qkv".index(name)])
         if self.cfg.qk_norm and name != "v":
             out = getattr(self, f"{name}_norm")(out)
         return out

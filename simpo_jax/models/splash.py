@@ -34,7 +34,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array
     q = jnp.pad(jnp.moveaxis(q * jnp.asarray(scale, q.dtype), 1, 3), ((0, 0),) * 3 + (extra, (0, 0)))
     k, v = (jnp.pad(jnp.moveaxis(t, 1, 2), ((0, 0),) * 2 + (extra, (0, 0))) for t in (k, v))
     segments = jnp.pad(tokens.astype(jnp.int32), ((0, 0), extra))  # q [b, kv, g, L, h], k/v [b, kv, L, h]
-    kernel, segment_ids = _kernel(padded, q.shape[2], sliding_window, platform != "tpu", soft_cap), _modules()[0].SegmentIds
+    kernel = _kernel(padded, q.shape[2], sliding_window, platform != "tpu", soft_cap)
+    segment_ids = _modules()[0].SegmentIds
 
     def attend(q, k, v, segments):
         def one(q, k, v, s):
