@@ -126,6 +126,16 @@ def response_system_preamble(tokenizer: Any, template: str | None) -> str:
     return preamble if "system" in preamble.lower() else ""
 
 
+def insert_empty_system(messages: list[dict], cfg: DataConfig, template_text: str) -> bool:
+    """The official rule: an empty system turn goes first when `data.auto_insert_empty_system_msg`, the messages
+    have none, and the template text mentions "system" or "<|im_start|>"; True when one was inserted."""
+    wanted = cfg.auto_insert_empty_system_msg and (not messages or messages[0]["role"] != "system") and (
+        "system" in template_text or "<|im_start|>" in template_text)
+    if wanted:
+        messages.insert(0, {"role": "system", "content": ""})
+    return wanted
+
+
 def _strip_bos(text: str, bos: str | None) -> str:
     return text[len(bos):] if bos and text.startswith(bos) else text
 
@@ -161,10 +171,7 @@ def row_to_text(row: dict, fmt: str, cfg: DataConfig, tokenizer: Any, template: 
         if msgs[-1]["role"] != "assistant":
             raise RowError("last_not_assistant", f"the last {name!r} message is from {msgs[-1]['role']!r}")
     _check_responses(chosen_messages[-1]["content"], rejected_messages[-1]["content"])
-    effective = template if template is not None else (tokenizer.chat_template or "")
-    if cfg.auto_insert_empty_system_msg and (not prompt_messages or prompt_messages[0]["role"] != "system") and (
-            "system" in effective or "<|im_start|>" in effective):
-        prompt_messages.insert(0, {"role": "system", "content": ""})
+    insert_empty_system(prompt_messages, cfg, template if template is not None else (tokenizer.chat_template or ""))
     bos = tokenizer.bos_token
     return TextPair(_render(tokenizer, prompt_messages, template),
                     _strip_bos(_render(tokenizer, chosen_messages, template), bos),

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from simpo_jax.models.decoder import Decoder, embed, make_attention_mask, scan_layers
+from simpo_jax.models.decoder import Decoder, embed, layer_masks, scan_layers
 from simpo_jax.models.layers import _MASKED, DecoderLayer, softcap
 from simpo_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 from simpo_jax.sharding import constrain
@@ -97,9 +97,10 @@ def cached_forward(model: Decoder, ids: jax.Array, pad: jax.Array, start: jax.Ar
     cfg, dt = model.cfg, model.cfg.compute_dtype
     batch, length = ids.shape
     cache_len = cache.k.shape[3]
-    tokens = jnp.arange(length)[None, :] >= pad[:, None]
-    masks = {w: make_attention_mask(tokens, w) if prefill else cache_mask(pad, start, length, cache_len, w)
-             for w in set(cfg.windows)}
+    if prefill:
+        masks = layer_masks(jnp.arange(length)[None, :] >= pad[:, None], cfg)
+    else:
+        masks = {w: cache_mask(pad, start, length, cache_len, w) for w in set(cfg.windows)}
     positions = jnp.maximum(start + jnp.arange(length)[None, :] - pad[:, None], 0)
     cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
 

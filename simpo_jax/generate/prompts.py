@@ -3,8 +3,8 @@
 Message lists are rendered with the training chat template (`data.chat_template` or the tokenizer's) plus the
 generation prompt, with training's empty-system-turn rule (dropped again for a template that refuses system
 turns, as Gemma-2's does); a trailing assistant turn is dropped (it is what is generated). String prompts
-become one user turn when there is a template (`generate.apply_chat_template`), else are used as they are. Token ids: no special tokens added by the tokenizer, BOS prepended unless present
-(training's rule for prompts).
+become one user turn when there is a template (`generate.apply_chat_template`), else are used as they are.
+Token ids: no special tokens added by the tokenizer, BOS prepended unless present (training's rule for prompts).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from jinja2 import TemplateError
 
 from simpo_jax.data.config import DataConfig
+from simpo_jax.data.formats import insert_empty_system
 from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.data.sources import load_split
 from simpo_jax.errors import UserError, check
@@ -86,16 +87,13 @@ def render(row: dict, column: str, gen: GenerateConfig, data: DataConfig, tokeni
     check(bool(messages), "generate", "prompt_column", f"column {column!r} has a row without a user turn")
     users = [m["content"] for m in messages if m["role"] == "user"]
     instruction = row.get("instruction", users[-1] if users else messages[-1]["content"])
-    inserted = data.auto_insert_empty_system_msg and messages[0]["role"] != "system" and (
-        "system" in effective or "<|im_start|>" in effective)
-    if inserted:
-        messages.insert(0, {"role": "system", "content": ""})
+    inserted = insert_empty_system(messages, data, effective)
     try:
         text = _apply(tokenizer, messages, template)
     except TemplateError as e:
         if not inserted:
-            raise UserError(f"the chat template cannot render a prompt with roles {[m['role'] for m in messages]}: {e} "
-                            "(set data.chat_template)") from e
+            raise UserError(f"the chat template cannot render a prompt with roles {[m['role'] for m in messages]}: "
+                            f"{e} (set data.chat_template)") from e
         # A template that refuses system turns (Gemma-2's) gets the prompt without the empty one, as the official
         # on-policy generator renders it.
         text = render(row, column, gen, replace(data, auto_insert_empty_system_msg=False), tokenizer)[0]
