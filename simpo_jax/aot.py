@@ -23,7 +23,9 @@ from simpo_jax.flops import train_step_flops
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.decoder import abstract_decoder
 from simpo_jax.optim import make_optimizer
-from simpo_jax.step import BATCH_KEYS, REFERENCE_KEYS, TrainState, make_steps, train_state_shardings
+from simpo_jax.errors import check
+from simpo_jax.sharding import data_parallel_size
+from simpo_jax.step import BATCH_KEYS, PACKED_BATCH_KEYS, REFERENCE_KEYS, TrainState, make_steps, train_state_shardings
 from simpo_jax.topology import GiB, Slice, compile_only_devices, parse_slice
 
 
@@ -51,6 +53,7 @@ class FitReport:
     compile_seconds: float
     arguments: tuple = dataclasses.field(default=(), repr=False, compare=False)  # the abstract step arguments
     compiler_error: str = ""  # the TPU compiler's out-of-memory message, when it refused the step
+    packed_rows: int = 0  # data.packing: rows of seq_len per step (0: padded chosen and rejected rows)
 
     @property
     def total_bytes(self) -> int:
@@ -86,8 +89,11 @@ class FitReport:
             f"mesh         {' x '.join(f'{k}={v}' for k, v in self.mesh_shape.items())}",
             f"model        {self.model.num_params() / 1e9:.2f}B params, {self.model.num_layers} layers, "
             f"dtype {self.model.dtype}, params {self.model.param_dtype}, remat {self.model.remat_policy}",
-            f"batch        {self.batch_pairs} pairs x {self.seq_len} tokens (chosen + rejected: "
-            f"{2 * self.batch_pairs * self.seq_len:,} tokens), {self.micro_batches} micro-batch(es)",
+            (f"batch        {self.batch_pairs} pairs packed into {self.packed_rows} rows x {self.seq_len} tokens "
+             f"({self.packed_rows * self.seq_len:,} positions), {self.micro_batches} micro-batch(es)"
+             if self.packed_rows else
+             f"batch        {self.batch_pairs} pairs x {self.seq_len} tokens (chosen + rejected: "
+             f"{2 * self.batch_pairs * self.seq_len:,} tokens), {self.micro_batches} micro-batch(es)"),
             "per chip:",
             f"  arguments  {gib(self.argument_bytes)}   (train state and batch shards)",
             f"  outputs    {gib(self.output_bytes)}   ({gib(self.alias_bytes).strip()} of them donated in place)",
@@ -121,8 +127,10 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def check_fit(config: Any, tpu: Slice, devices: list | None = None) -> FitReport:
-    """Compile the configured train step for `tpu` (devices: libtpu's compile-only devices by default)."""
+def check_fit(config: Any, tpu: Slice, devices: list | None = None, packed_rows: int = 0) -> FitReport:
+    """Compile the configured train step for `tpu` (devices: libtpu's compile-only devices by default).
+
+    With `data.packing`, for `packed_rows` rows per step (default: the most a step can have, one per answer)."""
     rc = build_run_config(config)
     cfg = aot_model_config(rc)
     devices = devices if devices is not None else compile_only_devices(tpu)
@@ -138,6 +146,15 @@ def check_fit(config: Any, tpu: Slice, devices: list | None = None) -> FitReport
     steps = make_steps(graphdef, cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=steps.batch_sharding)
     args: list[Any] = [state, {k: ids for k in BATCH_KEYS}]
+    rows = 0
+    if rc.data.packing:
+        rows = packed_rows or 2 * batch
+        check(rows % (data_parallel_size(mesh) * rc.step.micro_batches) == 0, "aot", "packed_rows",
+              f"{rows} rows do not split over data-parallel size {data_parallel_size(mesh)} x micro_batches "
+              f"{rc.step.micro_batches}")
+        packed = jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=steps.batch_sharding)
+        args[1] = {k: packed for k in PACKED_BATCH_KEYS[:-1]}
+        args[1]["index"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=steps.batch_sharding)
     ref_forwards = 0
     if rc.loss.needs_reference:
         if rc.step.reference == "model":
@@ -146,9 +163,10 @@ def check_fit(config: Any, tpu: Slice, devices: list | None = None) -> FitReport
         else:
             col = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=steps.batch_sharding)
             args[1] |= {k: col for k in REFERENCE_KEYS}
-    flops = train_step_flops(cfg, 2 * batch * seq, seq, ref_forwards)
+    flops = train_step_flops(cfg, (rows or 2 * batch) * seq, seq, ref_forwards)
     began = time.perf_counter()
-    report = functools.partial(FitReport, tpu, dict(mesh.shape), cfg, batch, seq, rc.step.micro_batches)
+    report = functools.partial(FitReport, tpu, dict(mesh.shape), cfg, batch, seq, rc.step.micro_batches,
+                               packed_rows=rows)
     try:
         compiled = steps.train.jitted.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit
@@ -182,6 +200,8 @@ def main() -> None:
                                    "2xv5p-16 (two slices); default: the config's mesh.slice")
     num_slices = flags.DEFINE_integer("num_slices", 1, "Identical slices joined over DCN (multi-slice).")
     markdown = flags.DEFINE_bool("markdown", False, "Also print the result as a Markdown table row.")
+    packed_rows = flags.DEFINE_integer("packed_rows", 0, "With data.packing: rows per step (default: the most a "
+                                       "step can have, 2 x train.batch_size).")
 
     def _main(argv: list[str]) -> None:
         del argv
@@ -190,7 +210,7 @@ def main() -> None:
         name = topology.value or config.value.mesh.get("slice", "")
         if not name:
             raise app.UsageError("--topology is required (the config names no mesh.slice)")
-        report = check_fit(config.value, parse_slice(name, num_slices.value))
+        report = check_fit(config.value, parse_slice(name, num_slices.value), packed_rows=packed_rows.value)
         print(report.render(), flush=True)
         if markdown.value:
             print(report.markdown_row(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))),

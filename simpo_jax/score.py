@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import jax
+import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from jax.sharding import NamedSharding, PartitionSpec
@@ -20,7 +21,8 @@ from simpo_jax import distributed
 from simpo_jax.build import build_model, load_data
 from simpo_jax.cli import run_command
 from simpo_jax.config import build_run_config
-from simpo_jax.data import pad_batch
+from simpo_jax.data import pack_batch, pad_batch
+from simpo_jax.data.packing import plan
 from simpo_jax.errors import ConfigError
 from simpo_jax.sharding import activation_sharding, batch_sharding, data_parallel_size
 from simpo_jax.step import pair_logps
@@ -55,11 +57,10 @@ def score(config: Any, output: str) -> int:
             rows = list(range(begin, min(begin + batch_size, len(data))))
             padded = rows + [rows[-1]] * (batch_size - len(rows))  # fill the last batch; extra rows are dropped
             examples = data.select(padded)[:]
-            length = max(map(len, examples["chosen_input_ids"] + examples["rejected_input_ids"]))
-            local = pad_batch(examples, rc.data.bucket_for(length), tokenizer.pad_token_id)
+            local = _batch(examples, rc.data, dp, tokenizer.pad_token_id)
             # Every process holds the same global batch and places only its own shards (no cross-process check).
             batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-                     for k, v in local.items() if k != "index"}
+                     for k, v in local.items() if k != "index" or rc.data.packing}
             result = jax.device_get(logps(params, batch))
             for i in range(len(rows)):
                 line = {"index": int(local["index"][i]),
@@ -68,12 +69,24 @@ def score(config: Any, output: str) -> int:
                         "chosen_tokens": int(result.chosen_tokens[i]), "rejected_tokens": int(result.rejected_tokens[i])}
                 if rc.run["score"]["dump_tokens"]:
                     for side in ("chosen", "rejected"):
-                        n = int(local[f"{side}_attention_mask"][i].sum())
-                        line[f"{side}_input_ids"] = local[f"{side}_input_ids"][i, :n].tolist()
-                        line[f"{side}_loss_mask"] = local[f"{side}_loss_mask"][i, :n].tolist()
+                        tokens = examples[f"{side}_input_ids"][i]
+                        line[f"{side}_input_ids"] = list(tokens)
+                        line[f"{side}_loss_mask"] = [int(t >= examples[f"{side}_prompt_len"][i])
+                                                     for t in range(len(tokens))]
                 f.write(json.dumps(line) + "\n")
                 written += 1
     return written
+
+
+def _batch(examples: dict, cfg: Any, dp: int, pad_id: int) -> dict:
+    """One global batch of examples: packed (`data.packing`, one micro-batch per data-parallel shard) or
+    right-padded to its bucket."""
+    if cfg.packing:
+        chosen, rejected = ([len(x) for x in examples[f"{s}_input_ids"]] for s in ("chosen", "rejected"))
+        layout = plan(np.asarray(chosen), np.asarray(rejected), dp, 1, cfg.max_length)
+        return pack_batch(examples, layout, 0, range(dp), cfg.max_length, pad_id)
+    length = max(map(len, examples["chosen_input_ids"] + examples["rejected_input_ids"]))
+    return pad_batch(examples, cfg.bucket_for(length), pad_id)
 
 
 def main() -> None:

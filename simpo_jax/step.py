@@ -3,7 +3,9 @@
 A batch is a dict of `[pairs, length]` arrays: `{chosen,rejected}_{input_ids,attention_mask,loss_mask}`
 (right-padded to one length; `loss_mask` marks response tokens), plus `reference_{chosen,rejected}_logps`
 `[pairs]` when reference log-probs are precomputed. Chosen and rejected rows are interleaved into one
-forward pass (so each device's pairs stay on it). Gradient accumulation scans over micro-batches and
+forward pass (so each device's pairs stay on it). A packed batch (`data.packing`) holds `[rows, length]`
+`input_ids`, `positions`, `segment_ids`, `loss_mask` and the pairs' `index [pairs]` instead; segment
+`2q + 1` / `2q + 2` is pair q's chosen / rejected answer (simpo_jax/data/packing.py). Gradient accumulation scans over micro-batches and
 normalizes by whole-batch counts, so its result equals the full batch exactly.
 """
 from __future__ import annotations
@@ -29,6 +31,12 @@ from simpo_jax.sharding import (DEFAULT_RULES, Rules, activation_sharding, batch
 BATCH_KEYS = tuple(f"{side}_{field}" for side in ("chosen", "rejected")
                    for field in ("input_ids", "attention_mask", "loss_mask"))
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+PACKED_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask", "index")
+
+
+def is_packed(batch: dict) -> bool:
+    """Whether a batch holds packed rows (else one right-padded chosen and rejected row per pair)."""
+    return "segment_ids" in batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +71,13 @@ def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: dict, chunk_len: int)
         return jnp.stack([chosen, rejected], axis=1).reshape(-1, chosen.shape[1])
 
     model: Decoder = nnx.merge(graphdef, params)
-    s = sequence_logps(model, interleave("input_ids"), interleave("attention_mask"), interleave("loss_mask"),
-                       chunk_len)
+    if is_packed(batch):  # per-segment sums; segment 0 is padding
+        s = sequence_logps(model, batch["input_ids"], batch["segment_ids"], batch["loss_mask"], chunk_len,
+                           batch["positions"], 2 * batch["index"].shape[0] + 1)
+        s = jax.tree.map(lambda x: x[1:], s)
+    else:
+        s = sequence_logps(model, interleave("input_ids"), interleave("attention_mask"), interleave("loss_mask"),
+                           chunk_len)
     logp, tokens = s.logp_sum.reshape(-1, 2), s.tokens.reshape(-1, 2)
     logits_sums = jnp.sum(s.logits_sum.reshape(-1, 2), axis=0)
     return PairLogps(logp[:, 0], logp[:, 1], tokens[:, 0], tokens[:, 1]), logits_sums
@@ -98,11 +111,23 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
     chunk, vocab = step_cfg.logprob_chunk_len, model_cfg.vocab_size
 
     def totals(batch):
+        if is_packed(batch):  # chosen answers have odd segment ids, rejected even ones (0: padding)
+            seg = batch["segment_ids"]
+            chosen, rejected = ((seg > 0) & (seg % 2 == r) for r in (1, 0))
+            return {"pairs": jnp.asarray(batch["index"].shape[0], jnp.float32),
+                    "chosen_tokens": jnp.sum(jnp.where(chosen, batch["loss_mask"], 0).astype(jnp.float32)),
+                    "positions": jnp.stack([jnp.sum(chosen.astype(jnp.float32)),
+                                            jnp.sum(rejected.astype(jnp.float32))]) * vocab}
         mask = lambda k: batch[k].astype(jnp.float32)  # noqa: E731
         return {"pairs": jnp.asarray(batch["chosen_input_ids"].shape[0], jnp.float32),
                 "chosen_tokens": jnp.sum(mask("chosen_loss_mask")[:, 1:]),
                 "positions": jnp.stack([jnp.sum(mask("chosen_attention_mask")),
                                         jnp.sum(mask("rejected_attention_mask"))]) * vocab}
+
+    def real_tokens(batch):
+        if is_packed(batch):
+            return jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+        return sum(jnp.sum(batch[f"{s}_attention_mask"].astype(jnp.float32)) for s in ("chosen", "rejected"))
 
     def reference_logps(policy, batch, ref_params):
         if not loss_cfg.needs_reference:
@@ -116,7 +141,7 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
         policy, logits_sums = pair_logps(graphdef, params, batch, chunk)
         loss, metrics = compute_loss(loss_cfg, policy, reference_logps(policy, batch, ref_params), stats)
         metrics["logits/chosen"], metrics["logits/rejected"] = logits_sums / tot["positions"]
-        metrics["tokens"] = sum(jnp.sum(batch[f"{s}_attention_mask"].astype(jnp.float32)) for s in ("chosen", "rejected"))
+        metrics["tokens"] = real_tokens(batch)
         return loss, metrics
 
     def whole_batch_stats(params, micro, ref_params, tot):
@@ -173,17 +198,22 @@ def _plain(tree: Any) -> Any:
 def _checked(fn: Callable, loss_cfg: LossConfig, step_cfg: StepConfig, use_ref_model: bool,
              global_batch: int | None) -> Callable:
     """Check a batch's keys and size (and the reference params) before calling the compiled step."""
-    keys = BATCH_KEYS + (REFERENCE_KEYS if loss_cfg.needs_reference and not use_ref_model else ())
+    refs = REFERENCE_KEYS if loss_cfg.needs_reference and not use_ref_model else ()
 
     def call(state_or_params, batch, ref_params=None):
+        packed = is_packed(batch)
+        keys = (PACKED_BATCH_KEYS if packed else BATCH_KEYS) + refs
         missing = [k for k in keys if k not in batch]
         if missing:
             raise KeyError(f"batch is missing {', '.join(missing)}")
-        size = batch["chosen_input_ids"].shape[0]
+        size = batch["index" if packed else "chosen_input_ids"].shape[0]
         if global_batch is not None and size != global_batch:
             raise ValueError(f"batch has {size} pairs, the step was built for batch_size={global_batch}")
         if size % step_cfg.micro_batches:
             raise ValueError(f"batch of {size} pairs is not divisible by micro_batches={step_cfg.micro_batches}")
+        if packed and batch["input_ids"].shape[0] % step_cfg.micro_batches:
+            raise ValueError(f"packed batch of {batch['input_ids'].shape[0]} rows is not divisible by "
+                             f"micro_batches={step_cfg.micro_batches}")
         if use_ref_model and ref_params is None:
             raise ValueError(f"loss {loss_cfg.name!r} with step.reference='model' needs reference params")
         if use_ref_model and global_batch is not None:

@@ -58,9 +58,11 @@ class _Preemption:
         self.requested = True
 
 
-def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, ref: tuple) -> dict[str, float]:
+def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, ref: tuple,
+             micro_batches: int = 1) -> dict[str, float]:
     """Mean of the eval metrics over the held-out split (in order, full batches), with an `eval_` prefix."""
-    it = BatchIterator(data, batch_size, dataclasses.replace(cfg, shuffle=False), pad_id, sharding)
+    it = BatchIterator(data, batch_size, dataclasses.replace(cfg, shuffle=False), pad_id, sharding,
+                       micro_batches=micro_batches)
     totals: dict[str, float] = {}
     for _ in range(it.batches_per_epoch):
         for key, value in jax.device_get(steps.eval(params, next(it), *ref)).items():
@@ -84,7 +86,8 @@ def run(config: Any) -> dict[str, float]:
     tokenizer, train_data, eval_data = load_data(rc, verbose=main)
     sharding = batch_sharding(mesh)
     batch_size = int(train_cfg["batch_size"])
-    batches = BatchIterator(train_data, batch_size, rc.data, tokenizer.pad_token_id, sharding)
+    micro = rc.step.micro_batches
+    batches = BatchIterator(train_data, batch_size, rc.data, tokenizer.pad_token_id, sharding, micro_batches=micro)
     total = int(train_cfg["max_steps"]) or int(train_cfg["num_epochs"]) * batches.batches_per_epoch
 
     graphdef, params, model_cfg = build_model(rc, mesh, tokenizer, seed=int(train_cfg["seed"]))
@@ -143,7 +146,7 @@ def run(config: Any) -> dict[str, float]:
         metrics |= {"epoch": batches.epoch, "tokens_per_second": metrics["tokens"] / elapsed}
         if eval_data is not None and eval_every and step % eval_every == 0 and step != total:
             metrics |= evaluate(eval_steps, state.params, eval_data, rc.data, eval_batch, tokenizer.pad_token_id,
-                                sharding, ref)
+                                sharding, ref, micro)
         generated = monitor is not None and step % generate_every == 0 and step != total
         if generated:  # done (on the host) before the next step, which may donate these params
             metrics |= monitor.at_step(step, state.params)
@@ -173,7 +176,7 @@ def run(config: Any) -> dict[str, float]:
     final: dict[str, float] = {}
     if eval_data is not None:
         final = evaluate(eval_steps, state.params, eval_data, rc.data, eval_batch, tokenizer.pad_token_id,
-                         sharding, ref)
+                         sharding, ref, micro)
     if monitor is not None:  # the last answers, judged against the initial model's
         final |= monitor.final(total, state.params)
     if final:

@@ -47,24 +47,28 @@ def test_splash_matches_transformers_and_the_xla_gradients(hf_dir, variant):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
-def _reference(q, k, v, tokens, scale, window):
-    """Masked softmax attention in jnp (float32), Mistral's window and right padding; padding rows uniform."""
+def _reference(q, k, v, segments, scale, window):
+    """Masked softmax attention in jnp (float32), Mistral's window, segments (packed rows) and right padding."""
     length = q.shape[1]
     i, j = jnp.arange(length)[:, None], jnp.arange(length)[None]
-    allowed = (j <= i) & (i - j < window) & tokens[:, None, :]
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    allowed = (j <= i) & (i - j < window) & same
     s = jnp.where(allowed[:, None, None], jnp.einsum("blkgh,bskh->bkgls", q, k) * scale, -1e30)
     return jnp.einsum("bkgls,bskh->blkgh", jax.nn.softmax(s, axis=-1), v)
 
 
-def test_splash_masks_the_window_and_padding_exactly_across_blocks():
+def test_splash_masks_the_window_segments_and_padding_exactly_across_blocks():
     """The kernel alone, on several kernel blocks (600 tokens pad to 640 = 5 blocks of 128; the window of 200
-    crosses block boundaries), values and gradients against a masked softmax."""
+    and the packed segments' ends cross block boundaries), values and gradients against a masked softmax."""
     rng = np.random.default_rng(0)
     b, length, kv, g, h, window = 2, 600, 2, 2, 16, 200
     q = jnp.asarray(rng.normal(size=(b, length, kv, g, h)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, length, kv, h)), jnp.float32) for _ in range(2))
-    tokens = jnp.asarray(np.arange(length)[None] < np.array([[450], [600]]))
-    weight = jnp.asarray(rng.normal(size=(b, length, kv, g, h)), jnp.float32) * tokens[:, :, None, None, None]
+    segments = np.zeros((b, length), np.int32)
+    segments[0, :450] = 1  # one sequence and padding
+    segments[1, :170], segments[1, 170:300], segments[1, 300:590] = 3, 4, 7  # three packed sequences
+    tokens = jnp.asarray(segments)
+    weight = jnp.asarray(rng.normal(size=(b, length, kv, g, h)), jnp.float32) * (tokens > 0)[:, :, None, None, None]
 
     def loss(attend, q, k, v):
         out = attend(q, k, v)
@@ -75,13 +79,16 @@ def test_splash_masks_the_window_and_padding_exactly_across_blocks():
                               argnums=(0, 1, 2), has_aux=True)(q, k, v)
     ref = jax.value_and_grad(lambda *a: loss(lambda *x: _reference(*x, tokens, h ** -0.5, window), *a),
                              argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    mask = np.asarray(tokens)
+    mask = segments > 0
     np.testing.assert_allclose(np.asarray(ours[0][1])[mask], np.asarray(ref[0][1])[mask], atol=1e-5)
     for a, r in zip(ours[1], ref[1]):  # gradients through real tokens only (padding rows carry no weight)
         np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(r)[mask], atol=1e-4)
     # Without the window the result is far off: the comparison sees whether the kernel applied it.
     unwindowed = np.asarray(splash.splash_attention(q, k, v, tokens, h ** -0.5, None, "cpu"))
     assert np.abs(unwindowed[mask] - np.asarray(ref[0][1])[mask]).max() > 0.1
+    # Nor does it pass when the segments are ignored (one sequence per row).
+    unsegmented = np.asarray(splash.splash_attention(q, k, v, tokens > 0, h ** -0.5, window, "cpu"))
+    assert np.abs(unsegmented[1, 170:] - np.asarray(ref[0][1])[1, 170:]).max() > 0.1
 
 
 def test_splash_on_gpu_is_refused_naming_the_field():

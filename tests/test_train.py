@@ -157,7 +157,7 @@ def test_step_one_loss_is_simpo_of_the_first_batch_scores(tmp_path):
 
     extra = {"data.shuffle": False, "train.max_steps": 1, "export.enabled": True, "export.dtype": "float32",
              "score.split": "train", "score.dump_tokens": True}
-    run(tiny_config(tmp_path / "run", **extra))
+    run(tiny_config(tmp_path / "run", **extra, **{"data.packing": True}))  # trained on packed rows
     step_one = _metrics(tmp_path / "run")[0]
     # Score the same (seeded) initial model over the training split, in order.
     score(tiny_config(tmp_path / "score", **extra), str(tmp_path / "scores.jsonl"))
@@ -190,7 +190,9 @@ def test_score_matches_transformers_on_the_same_tokens(tmp_path):
     assert model_config(build_run_config(config).model).windows == (24, None, 24, None)
     run(config)
     hf_dir = tmp_path / "run" / "hf"
-    config = tiny_config(tmp_path / "score", **{"score.dump_tokens": True, "score.batch_size": 5})
+    # Scored in packed rows: several answers per row, each attending (in its windows) only to itself.
+    config = tiny_config(tmp_path / "score", **{"score.dump_tokens": True, "score.batch_size": 5,
+                                                 "data.packing": True})
     config.model.preset, config.model.hf_path = "", str(hf_dir)
     for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
         config.model[field] = None

@@ -2,9 +2,11 @@
 
 The order of rows is a permutation drawn from `(seed, epoch)`; global batch k holds rows
 `order[k * B : (k + 1) * B]`, padded to the smallest bucket that fits its longest row (every process knows
-all row lengths, so all agree on the shape). Each process reads only the rows its devices hold and the
-global array is assembled with `jax.make_array_from_process_local_data`. The iterator's position
-(`epoch`, `step`) is a small state to checkpoint and restore.
+all row lengths, so all agree on the shape). With `data.packing`, the batch's pairs are packed instead
+(`simpo_jax.data.packing`; every process plans the whole batch, so all agree on the row count). Each
+process reads only the rows its devices hold and the global array is assembled with
+`jax.make_array_from_process_local_data`. The iterator's position (`epoch`, `step`) is a small state to
+checkpoint and restore.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from simpo_jax.data import packing
 from simpo_jax.data.config import DataConfig
 from simpo_jax.errors import check
 
@@ -35,6 +38,29 @@ def pad_batch(rows: dict[str, list], length: int, pad_id: int) -> dict[str, np.n
     return out
 
 
+def sequence_lengths(dataset: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Token counts `[rows]` of the chosen and of the rejected sequences (from Arrow, without reading tokens)."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    return tuple(pc.list_value_length(table.column(f"{side}_input_ids")).to_numpy(zero_copy_only=False)
+                 .astype(np.int64) for side in ("chosen", "rejected"))
+
+
+def data_parallel_shards(sharding: NamedSharding | None, global_batch: int) -> int:
+    """Into how many distinct row blocks `sharding` splits a `[global_batch, ...]` array."""
+    if sharding is None:
+        return 1
+    return len({idx[0].indices(global_batch)[:2] for idx in sharding.devices_indices_map((global_batch, 1)).values()})
+
+
+def pack_batch(rows: dict[str, list], plan: packing.PackPlan, first_pair: int, shards: range, row_len: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+    """A packed batch (process-local part): packing's arrays and the pairs' dataset `index`."""
+    out = packing.fill_rows(plan, rows, first_pair, shards, row_len, pad_id)
+    return out | {"index": np.asarray(rows["index"], np.int32)}
+
+
 def process_row_range(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
     """The contiguous rows `[start, stop)` of a `[global_batch, ...]` array that this process's devices hold."""
     spans = {idx[0].indices(global_batch)[:2] for idx in
@@ -48,16 +74,27 @@ def process_row_range(sharding: NamedSharding, global_batch: int) -> tuple[int, 
 
 
 class BatchIterator:
-    """Endless iterator of global batches over a tokenized dataset, resumable from `state()`."""
+    """Endless iterator of global batches over a tokenized dataset, resumable from `state()`.
+
+    Packed batches are laid out for the step's `micro_batches` and the data-parallel shards of `sharding`
+    (`data_parallel` overrides their count, e.g. to build a sharded run's batches on one host)."""
 
     def __init__(self, dataset: datasets.Dataset, global_batch: int, cfg: DataConfig, pad_id: int,
-                 sharding: NamedSharding | None = None, state: dict | None = None):
+                 sharding: NamedSharding | None = None, state: dict | None = None, micro_batches: int = 1,
+                 data_parallel: int | None = None):
         check(global_batch >= 1, "train", "batch_size", f"must be >= 1, got {global_batch}")
         check(len(dataset) >= global_batch, "train", "batch_size",
               f"{global_batch} is larger than the {len(dataset)} usable pairs")
         self.dataset, self.global_batch, self.cfg, self.pad_id = dataset, global_batch, cfg, pad_id
         self.sharding = sharding
         self.lengths = np.asarray(dataset["length"], np.int64)
+        self.micro_batches = micro_batches
+        if cfg.packing:
+            self.dp = data_parallel or data_parallel_shards(sharding, global_batch)
+            check(global_batch % (self.dp * micro_batches) == 0, "train", "batch_size",
+                  f"global batch {global_batch} is not divisible by data-parallel size {self.dp} x micro_batches "
+                  f"{micro_batches}")
+            self.chosen_len, self.rejected_len = sequence_lengths(dataset)
         self.batches_per_epoch = len(dataset) // global_batch  # the remainder of each epoch is dropped
         self.epoch, self.step = 0, 0
         if state is not None:
@@ -91,11 +128,31 @@ class BatchIterator:
         if self.step >= self.batches_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         rows = self.order(self.epoch)[self.step * self.global_batch:(self.step + 1) * self.global_batch]
-        length = self.cfg.bucket_for(int(self.lengths[rows].max()))
         start, stop = self.rows
-        local = pad_batch(self.dataset.select(rows[start:stop].tolist())[:], length, self.pad_id)
+        local_rows = self.dataset.select(rows[start:stop].tolist())[:]
         self.step += 1
+        if self.cfg.packing:
+            return self._packed(rows, local_rows)
+        local = pad_batch(local_rows, self.cfg.bucket_for(int(self.lengths[rows].max())), self.pad_id)
         if self.sharding is None:
             return local
         return {k: jax.make_array_from_process_local_data(self.sharding, v, (self.global_batch, *v.shape[1:]))
+                for k, v in local.items()}
+
+    def plan(self, rows: np.ndarray) -> packing.PackPlan:
+        """How the pairs at dataset `rows` (a global batch, in order) are packed."""
+        return packing.plan(self.chosen_len[rows], self.rejected_len[rows], self.dp, self.micro_batches,
+                            self.cfg.max_length)
+
+    def _packed(self, rows: np.ndarray, local_rows: dict) -> dict[str, Any]:
+        plan = self.plan(rows)
+        start, stop = self.rows
+        per_shard = self.global_batch // self.dp
+        local = pack_batch(local_rows, plan, start, range(start // per_shard, stop // per_shard),
+                           self.cfg.max_length, self.pad_id)
+        if self.sharding is None:
+            return local
+        total_rows = plan.rows_per_group * self.micro_batches * self.dp
+        return {k: jax.make_array_from_process_local_data(
+                    self.sharding, v, ((self.global_batch if k == "index" else total_rows), *v.shape[1:]))
                 for k, v in local.items()}

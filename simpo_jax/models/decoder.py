@@ -22,12 +22,16 @@ class DecoderOutput(NamedTuple):
 
 
 def make_attention_mask(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
-    """Boolean `[batch, q, kv]` mask: causal, keys that are not padding, and within the sliding window."""
+    """Boolean `[batch, q, kv]` mask: causal, keys that are not padding, within the sliding window, and within
+    the query's segment. `attention_mask` is 0 for padding and a segment id otherwise (1 everywhere for one
+    sequence per row; packed rows number their sequences); a padding query sees every earlier token."""
     idx = jnp.arange(attention_mask.shape[1])
     allowed = idx[None, :] <= idx[:, None]
     if sliding_window is not None:
         allowed &= (idx[:, None] - idx[None, :]) < sliding_window
-    return allowed[None] & attention_mask.astype(bool)[:, None, :]
+    segments = attention_mask.astype(jnp.int32)
+    query, key = segments[:, :, None], segments[:, None, :]
+    return allowed[None] & (key > 0) & ((query == key) | (query == 0))
 
 
 def layer_masks(attention_mask: jax.Array, cfg: ModelConfig) -> dict[int | None, jax.Array]:
@@ -100,7 +104,8 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, *, return_logits: bool = True) -> DecoderOutput:
-        """`input_ids`, `positions`, `attention_mask` are `[batch, len]`; mask 1 = token, 0 = padding."""
+        """`input_ids`, `positions`, `attention_mask` are `[batch, len]`; mask 1 = token, 0 = padding (or segment
+        ids in packed rows, with `positions` restarting in each segment)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         batch, length = input_ids.shape
         if positions is None:
@@ -109,20 +114,20 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones((batch, length), jnp.int32)
         masks = layer_masks(attention_mask, cfg)
         cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
-        x = self._run_layers(embed(self, input_ids), cos, sin, masks)
+        x = self._run_layers(embed(self, input_ids), cos, sin, masks, attention_mask.astype(jnp.int32))
         hidden = self.norm(x).reshape(batch, length, cfg.hidden_size)
         hidden = constrain(hidden, ("activation_batch", None, "activation_embed"))
         return DecoderOutput(self.logits(hidden) if return_logits else None, hidden)
 
-    def _run_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                    masks: dict[int | None, jax.Array]) -> jax.Array:
+    def _run_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, masks: dict[int | None, jax.Array],
+                    segments: jax.Array) -> jax.Array:
         policy = remat_policy(self.cfg.remat_policy)
 
         def step(layer, h, window, _):
             graphdef, state = nnx.split(layer)
 
             def apply(state, h):
-                return nnx.merge(graphdef, state)(h, cos, sin, masks[window], window)
+                return nnx.merge(graphdef, state)(h, cos, sin, masks[window], window, segments)
             if policy is not None:
                 apply = jax.checkpoint(apply, policy=policy, prevent_cse=not self.cfg.scan_layers)
             return apply(state, h)

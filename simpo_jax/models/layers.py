@@ -99,9 +99,10 @@ class Attention(nnx.Module):
                                "out_proj")
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 window: int | None = None) -> jax.Array:
+                 window: int | None = None, segments: jax.Array | None = None) -> jax.Array:
         """`x [tokens, embed]`, rope tables `[tokens, head_dim]`, `mask [batch, q_len, kv_len]` (True = attend;
-        already windowed when `window`, which the splash kernel needs statically)."""
+        already windowed when `window`, which the splash kernel needs statically); `segments [batch, len]`
+        (0 = padding, else a segment id; the mask's diagonal when None) is what the splash kernel reads."""
         cfg = self.cfg
         batch, length = mask.shape[0], mask.shape[1]
         q, k, v = (self.project(x, name) for name in "qkv")
@@ -115,8 +116,9 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(
                 q.reshape(batch, length, kv * groups, h), k, v, mask=mask[:, None], scale=scale)
         elif cfg.attention_impl == "splash":
-            tokens = jnp.diagonal(mask, axis1=1, axis2=2)  # a token attends to itself; padding to nothing
-            out = splash_attention(q, k, v, tokens, scale, window, attention_platform(), cap)
+            if segments is None:  # a token attends to itself; padding to nothing
+                segments = jnp.diagonal(mask, axis1=1, axis2=2)
+            out = splash_attention(q, k, v, segments, scale, window, attention_platform(), cap)
         elif use_blocked_attention():
             out = causal_blocked_attention(q, k, v, mask, scale, _query_block(length), cap)
         else:
@@ -248,9 +250,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 window: int | None = None) -> jax.Array:
-        return self.feed_forward(self.add_attention(x, self.self_attn(self.input_layernorm(x), cos, sin, mask,
-                                                                       window)))
+                 window: int | None = None, segments: jax.Array | None = None) -> jax.Array:
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, segments)
+        return self.feed_forward(self.add_attention(x, attn_out))
 
     def add_attention(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
         """The residual stream after the attention block."""

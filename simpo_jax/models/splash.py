@@ -1,8 +1,8 @@
 """Fused causal attention on TPU: the Pallas splash-attention kernel, sharded over the batch and kv heads.
 
 The kernel never materializes a `[batch, heads, len, len]` score tensor (forward or backward), which is
-what lets long sequences and large models fit in HBM. Padding is expressed as segment ids (1 = token,
-0 = padding), causality and a layer's sliding window (Mistral, Gemma-2's local layers) as the kernel's block
+what lets long sequences and large models fit in HBM. Padding and packing are expressed as segment ids
+(0 = padding, else the token's sequence: 1 in a padded row, one id per sequence in a packed row), causality and a layer's sliding window (Mistral, Gemma-2's local layers) as the kernel's block
 mask, Gemma-2's score soft-cap as the kernel's `attn_logits_soft_cap`. On CPU the same kernel
 runs in Pallas' interpreter (slow; for tests); GPUs have no splash kernel.
 """
@@ -21,10 +21,10 @@ LANES = 128  # the kernel's block sizes are multiples of this; sequences are pad
 QKV_AXES = ("activation_batch", "activation_heads", None, None, None)  # [batch, kv_heads, groups, len, dim]
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array, scale: float,
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float,
                      sliding_window: int | None, platform: str, soft_cap: float | None = None) -> jax.Array:
-    """`q [batch, len, kv_heads, groups, dim]`, `k, v [batch, len, kv_heads, dim]`, `tokens [batch, len]`
-    (True = token) -> `[batch, len, kv_heads, groups, dim]`, causal (and windowed) attention. `soft_cap` bends
+    """`q [batch, len, kv_heads, groups, dim]`, `k, v [batch, len, kv_heads, dim]`, `segments [batch, len]`
+    (0 = padding, else a segment id) -> `[batch, len, kv_heads, groups, dim]`, causal (and windowed) attention. `soft_cap` bends
     the scaled scores (`cap * tanh(s / cap)`), as the XLA path does."""
     check(platform in ("tpu", "cpu"), "model", "attention_impl",
           f"'splash' is a TPU kernel (interpreted on CPU, for tests); on {platform} use 'xla' or 'jax'")
@@ -33,7 +33,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, tokens: jax.Array
     extra = (0, padded - length)
     q = jnp.pad(jnp.moveaxis(q * jnp.asarray(scale, q.dtype), 1, 3), ((0, 0),) * 3 + (extra, (0, 0)))
     k, v = (jnp.pad(jnp.moveaxis(t, 1, 2), ((0, 0),) * 2 + (extra, (0, 0))) for t in (k, v))
-    segments = jnp.pad(tokens.astype(jnp.int32), ((0, 0), extra))  # q [b, kv, g, L, h], k/v [b, kv, L, h]
+    segments = jnp.pad(segments.astype(jnp.int32), ((0, 0), extra))  # q [b, kv, g, L, h], k/v [b, kv, L, h]
     kernel = _kernel(padded, q.shape[2], sliding_window, platform != "tpu", soft_cap)
     segment_ids = _modules()[0].SegmentIds
 

@@ -1,0 +1,105 @@
+"""Packed preference batches: the chosen and rejected answers of many pairs share rows of `max_length` positions.
+
+Every answer (with its own copy of the prompt) is one segment of a row: `segment_ids` (0 = padding) keep
+attention inside a segment and `positions` restart at 0 in each, so each sequence sees exactly what it
+sees alone in a padded row. A segment's id names its sequence within the micro-batch: pair `q` (its index
+among the micro-batch's pairs) has chosen `2q + 1` and rejected `2q + 2`, so the step sums per-token
+log-probs by segment id straight into `[pairs]` arrays and the loss is unchanged.
+
+Packing respects the step's layout: a global batch of `B` pairs is `dp` data-parallel shards times
+`micro_batches`, and each (shard, micro-batch) group of pairs is packed into its own `g` rows (the same `g`
+for all groups: the largest any group needs, rounded up to a row count with four significant bits, so the
+step compiles for a bounded set of shapes; never more than one row per sequence, so a packed step is never
+larger than the padded one at `max_length`). Rows are laid out like `split_micro_batches` expects: a device
+holds `g * micro_batches` contiguous rows and row `u` of them belongs to micro-batch `u % micro_batches`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+PACKED_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask")
+
+
+def row_bucket(rows: int) -> int:
+    """`rows` rounded up to a number with at most four significant bits (1..16, 18, 20, ..., 32, 36, ...):
+    eight shapes per doubling, at most 12.5% padding rows."""
+    if rows <= 16:
+        return max(rows, 1)
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of sequence indices (longest first, each into the first row with room); every length <= capacity."""
+    free: list[int] = []
+    bins: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        length = int(lengths[i])
+        for b, room in enumerate(free):
+            if room >= length:
+                free[b] -= length
+                bins[b].append(int(i))
+                break
+        else:
+            free.append(capacity - length)
+            bins.append([int(i)])
+    return bins
+
+
+class PackPlan(NamedTuple):
+    """Rows per group and each group's bins of `(pair, side)` sequences (side 0 chosen, 1 rejected)."""
+
+    rows_per_group: int
+    groups: list[list[list[tuple[int, int]]]]  # [group][row] -> [(pair in batch, side)]
+    dp: int
+    micro_batches: int
+
+
+def plan(chosen_len: np.ndarray, rejected_len: np.ndarray, dp: int, micro_batches: int, row_len: int) -> PackPlan:
+    """Pack a global batch's pairs (lengths `[B]` per side) group by group into rows of `row_len` positions."""
+    batch = len(chosen_len)
+    per_shard = batch // dp
+    groups = []
+    for d in range(dp):
+        for j in range(micro_batches):
+            pairs = np.arange(d * per_shard + j, (d + 1) * per_shard, micro_batches)
+            seqs = [(int(p), side) for p in pairs for side in (0, 1)]
+            lengths = np.asarray([(chosen_len, rejected_len)[side][p] for p, side in seqs])
+            groups.append([[seqs[i] for i in row] for row in first_fit_decreasing(lengths, row_len)])
+    # Never more rows than sequences: the worst case is the padded batch's shape.
+    rows = min(row_bucket(max(len(g) for g in groups)), 2 * (per_shard // micro_batches))
+    return PackPlan(rows, groups, dp, micro_batches)
+
+
+def fill_rows(plan: PackPlan, rows: dict[str, list], first_pair: int, shards: range, row_len: int,
+              pad_id: int) -> dict[str, np.ndarray]:
+    """The packed arrays of the data-parallel `shards` this process holds (`[shards * g * m, row_len]` each).
+
+    `rows` holds the tokenized pairs of those shards (`*_input_ids`, `*_prompt_len`, `index`), the first of
+    them being pair `first_pair` of the global batch."""
+    m, g = plan.micro_batches, plan.rows_per_group
+    n = len(shards) * g * m
+    out = {"input_ids": np.full((n, row_len), pad_id, np.int32)}
+    out |= {k: np.zeros((n, row_len), np.int32) for k in PACKED_KEYS[1:]}
+    for s, d in enumerate(shards):
+        for j in range(m):
+            for k, row in enumerate(plan.groups[d * m + j]):
+                r, start = s * g * m + k * m + j, 0
+                for pair, side in row:
+                    name = ("chosen", "rejected")[side]
+                    tokens = rows[f"{name}_input_ids"][pair - first_pair]
+                    stop = start + len(tokens)
+                    out["input_ids"][r, start:stop] = tokens
+                    out["positions"][r, start:stop] = np.arange(len(tokens))
+                    out["segment_ids"][r, start:stop] = 2 * (pair // m) + 1 + side
+                    # Response tokens; the segment's first position never counts (as in a padded row).
+                    out["loss_mask"][r, start + max(rows[f"{name}_prompt_len"][pair - first_pair], 1):stop] = 1
+                    start = stop
+    return out
+
+
+def padding_share(tokens: int, rows: int, row_len: int) -> float:
+    """The share of `rows x row_len` positions that hold no token."""
+    return 1.0 - tokens / (rows * row_len)
