@@ -5,8 +5,9 @@ A batch is a dict of `[pairs, length]` arrays: `{chosen,rejected}_{input_ids,att
 `[pairs]` when reference log-probs are precomputed. Chosen and rejected rows are interleaved into one
 forward pass (so each device's pairs stay on it). A packed batch (`data.packing`) holds `[rows, length]`
 `input_ids`, `positions`, `segment_ids`, `loss_mask` and the pairs' `index [pairs]` instead; segment
-`2q + 1` / `2q + 2` is pair q's chosen / rejected answer (simpo_jax/data/packing.py). Gradient accumulation scans over micro-batches and
-normalizes by whole-batch counts, so its result equals the full batch exactly.
+`2q + 1` / `2q + 2` is pair q's chosen / rejected answer (simpo_jax/data/packing.py). Gradient
+accumulation scans over micro-batches and normalizes by whole-batch counts, so its result equals the full
+batch exactly.
 """
 from __future__ import annotations
 

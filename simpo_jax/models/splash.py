@@ -2,9 +2,10 @@
 
 The kernel never materializes a `[batch, heads, len, len]` score tensor (forward or backward), which is
 what lets long sequences and large models fit in HBM. Padding and packing are expressed as segment ids
-(0 = padding, else the token's sequence: 1 in a padded row, one id per sequence in a packed row), causality and a layer's sliding window (Mistral, Gemma-2's local layers) as the kernel's block
-mask, Gemma-2's score soft-cap as the kernel's `attn_logits_soft_cap`. On CPU the same kernel
-runs in Pallas' interpreter (slow; for tests); GPUs have no splash kernel.
+(0 = padding, else the token's sequence: 1 in a padded row, one id per sequence in a packed row),
+causality and a layer's sliding window (Mistral, Gemma-2's local layers) as the kernel's block mask,
+Gemma-2's score soft-cap as the kernel's `attn_logits_soft_cap`. On CPU the same kernel runs in Pallas'
+interpreter (slow; for tests); GPUs have no splash kernel.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ QKV_AXES = ("activation_batch", "activation_heads", None, None, None)  # [batch,
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, scale: float,
                      sliding_window: int | None, platform: str, soft_cap: float | None = None) -> jax.Array:
     """`q [batch, len, kv_heads, groups, dim]`, `k, v [batch, len, kv_heads, dim]`, `segments [batch, len]`
-    (0 = padding, else a segment id) -> `[batch, len, kv_heads, groups, dim]`, causal (and windowed) attention. `soft_cap` bends
-    the scaled scores (`cap * tanh(s / cap)`), as the XLA path does."""
+    (0 = padding, else a segment id) -> `[batch, len, kv_heads, groups, dim]`, causal (and windowed) attention
+    within each segment. `soft_cap` bends the scaled scores (`cap * tanh(s / cap)`), as the XLA path does."""
     check(platform in ("tpu", "cpu"), "model", "attention_impl",
           f"'splash' is a TPU kernel (interpreted on CPU, for tests); on {platform} use 'xla' or 'jax'")
     length = q.shape[1]
