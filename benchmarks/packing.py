@@ -2,11 +2,11 @@
 
     python benchmarks/packing.py [--quick] [--out FILE]
 
-Two length distributions at max_length 1,024 (max_prompt_length 512, the official truncation rules):
-HH-RLHF harmless-base (the shared file, in SmolLM2's chat format and tokenizer, as `configs/smollm2_hh.py`)
-and a synthetic UltraFeedback-like one (prompts ~150 tokens, answers uniform in 50..1,000). Batches are laid
-out as the Llama-3-8B v5p-16 preset trains: 128 pairs a step, 8 data-parallel shards x 2 micro-batches, so
-each device's micro-batch holds 8 pairs.
+Length distributions (max_prompt_length 512, the official truncation rules): HH-RLHF harmless-base (the
+shared file, in SmolLM2's chat format and tokenizer, as `configs/smollm2_hh.py`) at max_length 1,024, and a
+synthetic UltraFeedback-like one (prompts ~150 tokens, answers uniform in 50..1,000) at max_length 1,024 and
+at the official UltraFeedback recipes' 2,048 (at 1,024 also packed into rows of 2,048). Batches are laid out as the Llama-3-8B v5p-16 preset trains:
+128 pairs a step, 8 data-parallel shards x 2 micro-batches, so each device's micro-batch holds 8 pairs.
 
 1. Padding share over a whole epoch (no compute): bucketed rows (what the trainer builds without packing:
    every row of the batch padded to the power-of-two bucket of the batch's longest sequence) against packed
@@ -33,13 +33,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 MAX_LENGTH, MAX_PROMPT = 1024, 512
 PAIRS, DP, MICRO = 128, 8, 2  # configs/llama3_8b_instruct.py on a v5p-16: fsdp 8, step.micro_batches 2
 TARGET = 1.5
-MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2)
+# Wide and shallow, so that attention's share of the step is near a real model's at these lengths (a packed row
+# attends over all its positions; a bucketed row of short sequences over fewer).
+MODEL = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_layers=2, num_heads=6, num_kv_heads=2)
 
 
-def data_config(packing: bool):
+def data_config(packing: bool, max_length: int = MAX_LENGTH, row_length: int = 0):
     from simpo_jax.data import DataConfig
 
-    return DataConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, packing=packing, seed=42)
+    return DataConfig(max_length=max_length, max_prompt_length=MAX_PROMPT, packing=packing, seed=42,
+                      packing_length=row_length if row_length != max_length else 0).validate()
 
 
 def hh_dataset():
@@ -58,13 +61,13 @@ def hh_dataset():
     return tokenize_dataset(raw, cfg, tokenizer, "hh-rlhf", verbose=False)[0]
 
 
-def ultrafeedback_like(n: int = 2048, seed: int = 0):
+def ultrafeedback_like(max_length: int, n: int = 2048, seed: int = 0):
     """Synthetic pairs: prompts ~150 tokens (normal, sd 60, 10..600), answers uniform in 50..1,000, EOS ended."""
     import datasets
 
     from simpo_jax.data.tokenization import tokenize_pair
 
-    rng, cfg = np.random.default_rng(seed), data_config(False)
+    rng, cfg = np.random.default_rng(seed), data_config(False, max_length)
     rows = {k: [] for k in ("index", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
                             "rejected_prompt_len", "length")}
     for i in range(n):
@@ -79,12 +82,12 @@ def ultrafeedback_like(n: int = 2048, seed: int = 0):
     return datasets.Dataset.from_dict(rows)
 
 
-def epoch_shares(data) -> dict:
+def epoch_shares(data, max_length: int, row_length: int) -> dict:
     """Padding shares and shape counts over one epoch of global batches, bucketed and packed."""
     from simpo_jax.data.batches import sequence_lengths
     from simpo_jax.data.packing import plan
 
-    cfg = data_config(False)
+    cfg = data_config(False, max_length)
     chosen, rejected = sequence_lengths(data)
     prompts = np.minimum(np.asarray(data["chosen_prompt_len"]), np.asarray(data["rejected_prompt_len"]))
     order = np.random.default_rng([cfg.seed, 0]).permutation(len(data))
@@ -93,10 +96,10 @@ def epoch_shares(data) -> dict:
     for b in range(len(data) // PAIRS):
         pairs = order[b * PAIRS:(b + 1) * PAIRS]
         length = cfg.bucket_for(int(max(chosen[pairs].max(), rejected[pairs].max())))
-        layout = plan(chosen[pairs], rejected[pairs], DP, MICRO, MAX_LENGTH)
+        layout = plan(chosen[pairs], rejected[pairs], DP, MICRO, row_length, max_length)
         real += int(chosen[pairs].sum() + rejected[pairs].sum())
         bucketed += 2 * PAIRS * length
-        packed += layout.rows_per_group * DP * MICRO * MAX_LENGTH
+        packed += layout.rows_per_group * DP * MICRO * row_length
         buckets.add(length)
         rows.append(layout.rows_per_group)
     total = int(chosen.sum() + rejected.sum())
@@ -106,19 +109,22 @@ def epoch_shares(data) -> dict:
             "shared_prompt_saving": float(prompts.sum()) / total, "mean_length": total / (2 * len(data))}
 
 
-def one_device_batches(data, count: int):
-    """The first `count` batches' micro-batch 0 of data-parallel shard 0, bucketed and packed (same 8 pairs)."""
-    from simpo_jax.data import BatchIterator
+def one_device_batches(data, count: int, max_length: int, row_length: int):
+    """The first `count` batches' micro-batch 0 of data-parallel shard 0, packed, and the same pairs bucketed."""
+    from simpo_jax.data import BatchIterator, pad_batch
 
-    its = [BatchIterator(data, PAIRS, data_config(p), pad_id=0, micro_batches=MICRO, data_parallel=DP)
-           for p in (False, True)]
+    cfg = data_config(True, max_length, row_length)
+    it = BatchIterator(data, PAIRS, cfg, pad_id=0, micro_batches=MICRO, data_parallel=DP)
+    position = {int(index): i for i, index in enumerate(data["index"])}  # dataset index -> row
     out = []
     for _ in range(count):
-        padded, packed = next(its[0]), next(its[1])
-        shard = PAIRS // DP
-        padded = {k: v[0:shard:MICRO] for k, v in padded.items()}
-        rows = packed["input_ids"].shape[0] // DP
-        packed = {k: (v[0:shard:MICRO] if k == "index" else v[0:rows:MICRO]) for k, v in packed.items()}
+        rows = it.order(it.epoch)[it.step * PAIRS:(it.step + 1) * PAIRS]
+        packed, shard = next(it), PAIRS // DP
+        rows_per_shard = packed["input_ids"].shape[0] // DP
+        packed = {k: (v[0:shard:MICRO] if k == "index" else v[0:rows_per_shard:MICRO]) for k, v in packed.items()}
+        # Bucketed, the batch is padded to the bucket of its longest sequence, whichever device holds it.
+        length = cfg.bucket_for(int(it.lengths[rows].max()))
+        padded = pad_batch(data.select([position[i] for i in packed["index"]])[:], length, 0)
         vocab = MODEL["vocab_size"]
         for batch in (padded, packed):
             for key in batch:
@@ -162,6 +168,15 @@ def time_steps(batches, repeats: int) -> dict:
     return result
 
 
+def attention_share(length: int) -> float:
+    """Attention's share of the model's FLOPs per token in a full causal row of `length` positions."""
+    d, f, v, n = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["vocab_size"], MODEL["num_layers"]
+    hd = d // MODEL["num_heads"]
+    dense = n * (d * hd * (2 * MODEL["num_heads"] + 2 * MODEL["num_kv_heads"]) + 3 * d * f) + d * v
+    attention = n * 2 * (length / 2) * MODEL["num_heads"] * hd
+    return attention / (dense + attention)
+
+
 def report(shares: dict, timings: dict, command: str, started: datetime.datetime, wall: float) -> str:
     import platform
 
@@ -169,7 +184,8 @@ def report(shares: dict, timings: dict, command: str, started: datetime.datetime
              f"Command: `{command}` ({wall:.0f} s wall). Host: {platform.machine()}, {os.cpu_count()} CPUs, "
              f"{platform.processor() or 'unknown CPU'}.", "",
              f"Global batches of {PAIRS} pairs laid out as the Llama-3-8B v5p-16 preset trains ({DP} data-parallel "
-             f"shards x {MICRO} micro-batches), max_length {MAX_LENGTH}, max_prompt_length {MAX_PROMPT}.", "",
+             f"shards x {MICRO} micro-batches); max_length as named, max_prompt_length {MAX_PROMPT}; packed rows "
+             "are max_length long unless named (`data.packing_length`).", "",
              "## Padding over one epoch", "",
              "| data | steps | mean sequence | padding, bucketed | padding, packed | shapes, bucketed | "
              "packed rows per step (median / max) | a shared prompt would save |",
@@ -181,8 +197,9 @@ def report(shares: dict, timings: dict, command: str, started: datetime.datetime
                      f"{s['shared_prompt_saving']:.1%} of tokens |")
     lines += ["", "## Real tokens/s of one device's micro-batch (the same pairs both ways)", "",
               f"SimPO train step (forward, backward, AdamW) of a Llama-style model ({MODEL['num_layers']} layers, "
-              f"hidden {MODEL['hidden_size']}, vocab {MODEL['vocab_size']}, fp32) on this CPU; the median of the "
-              "repeats of each batch, compiles excluded.", "",
+              f"hidden {MODEL['hidden_size']}, vocab {MODEL['vocab_size']}, fp32; attention is "
+              f"{attention_share(1024):.0%} of its FLOPs in a full row of 1,024 positions, {attention_share(2048):.0%} "
+              "at 2,048) on this CPU; the median of the repeats of each batch, compiles excluded.", "",
               "| data | bucketed: rows x length, s | packed: rows x length, s | real tokens | real tokens/s, "
               "bucketed | real tokens/s, packed | speed-up |", "|---|---|---|---|---|---|---|"]
     verdicts = []
@@ -204,16 +221,22 @@ def report(shares: dict, timings: dict, command: str, started: datetime.datetime
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two batches, one repeat (a smoke run)")
-    parser.add_argument("--batches", type=int, default=4, help="batches timed per distribution")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=2, help="batches timed per distribution")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "packing.md"))
     args = parser.parse_args()
-    count, repeats = (2, 1) if args.quick else (args.batches, args.repeats)
+    count, repeats = (1, 1) if args.quick else (args.batches, args.repeats)
     started, began = datetime.datetime.now().astimezone(), time.perf_counter()
     sys.path.insert(0, os.path.join(ROOT, "configs"))
-    datasets = {"HH-RLHF harmless-base": hh_dataset(), "UltraFeedback-like (synthetic)": ultrafeedback_like()}
-    shares = {name: epoch_shares(data) for name, data in datasets.items()}
-    timings = {name: time_steps(one_device_batches(data, count), repeats) for name, data in datasets.items()}
+    uf = ultrafeedback_like(MAX_LENGTH)
+    datasets = {  # name: (pairs, max_length, packed row length)
+        f"HH-RLHF harmless-base, {MAX_LENGTH}": (hh_dataset(), MAX_LENGTH, MAX_LENGTH),
+        f"UltraFeedback-like, {MAX_LENGTH}": (uf, MAX_LENGTH, MAX_LENGTH),
+        f"UltraFeedback-like, {MAX_LENGTH}, packed rows of 2048": (uf, MAX_LENGTH, 2048),
+        "UltraFeedback-like, 2048": (ultrafeedback_like(2048), 2048, 2048)}  # the official UF recipes' length
+    shares = {name: epoch_shares(*args) for name, args in datasets.items()}
+    timings = {name: time_steps(one_device_batches(data, count, length, row), repeats)
+               for name, (data, length, row) in datasets.items()}
     command = "python benchmarks/packing.py" + (" --quick" if args.quick else "")
     text = report(shares, timings, command, started, time.perf_counter() - began)
     print(text)

@@ -17,8 +17,8 @@ def get_config() -> ConfigDict:
         eval_split="test", eval_fraction=0.0, format="auto", prompt_column="prompt", chosen_column="chosen",
         rejected_column="rejected", chat_template=placeholder(str), max_length=2048, max_prompt_length=1800,
         truncation_mode="keep_end", overlong_prompts="truncate", auto_insert_empty_system_msg=True,
-        bucket_lengths=placeholder(tuple), pad_to_max_length=False, packing=False, seed=42, shuffle=True,
-        strict=False, num_proc=placeholder(int)))
+        bucket_lengths=placeholder(tuple), pad_to_max_length=False, packing=False, packing_length=0, seed=42,
+        shuffle=True, strict=False, num_proc=placeholder(int)))
     c.loss = ConfigDict(dict(
         name="simpo", beta=2.0, gamma_beta_ratio=placeholder(float), gamma=placeholder(float), loss_type="sigmoid",
         label_smoothing=0.0, sft_weight=placeholder(float), length_normalize=placeholder(bool), rdpo_alpha=0.0, slic_delta=1.0, kto_desirable_weight=1.0,

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config, model_config
+from simpo_jax.data.packing import max_rows
+from simpo_jax.errors import check
 from simpo_jax.flops import train_step_flops
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.decoder import abstract_decoder
 from simpo_jax.optim import make_optimizer
-from simpo_jax.errors import check
 from simpo_jax.sharding import data_parallel_size
 from simpo_jax.step import BATCH_KEYS, PACKED_BATCH_KEYS, REFERENCE_KEYS, TrainState, make_steps, train_state_shardings
 from simpo_jax.topology import GiB, Slice, compile_only_devices, parse_slice
@@ -130,7 +131,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def check_fit(config: Any, tpu: Slice, devices: list | None = None, packed_rows: int = 0) -> FitReport:
     """Compile the configured train step for `tpu` (devices: libtpu's compile-only devices by default).
 
-    With `data.packing`, for `packed_rows` rows per step (default: the most a step can have, one per answer)."""
+    With `data.packing`, for `packed_rows` rows per step (default: the most a step can have)."""
     rc = build_run_config(config)
     cfg = aot_model_config(rc)
     devices = devices if devices is not None else compile_only_devices(tpu)
@@ -148,10 +149,11 @@ def check_fit(config: Any, tpu: Slice, devices: list | None = None, packed_rows:
     args: list[Any] = [state, {k: ids for k in BATCH_KEYS}]
     rows = 0
     if rc.data.packing:
-        rows = packed_rows or 2 * batch
-        check(rows % (data_parallel_size(mesh) * rc.step.micro_batches) == 0, "aot", "packed_rows",
-              f"{rows} rows do not split over data-parallel size {data_parallel_size(mesh)} x micro_batches "
-              f"{rc.step.micro_batches}")
+        groups = data_parallel_size(mesh) * rc.step.micro_batches
+        seq = rc.data.row_length
+        rows = packed_rows or groups * max_rows(2 * batch // groups, seq // rc.data.max_length)
+        check(rows % groups == 0, "aot", "packed_rows", f"{rows} rows do not split over data-parallel size "
+              f"{data_parallel_size(mesh)} x micro_batches {rc.step.micro_batches}")
         packed = jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=steps.batch_sharding)
         args[1] = {k: packed for k in PACKED_BATCH_KEYS[:-1]}
         args[1]["index"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=steps.batch_sharding)
@@ -201,7 +203,7 @@ def main() -> None:
     num_slices = flags.DEFINE_integer("num_slices", 1, "Identical slices joined over DCN (multi-slice).")
     markdown = flags.DEFINE_bool("markdown", False, "Also print the result as a Markdown table row.")
     packed_rows = flags.DEFINE_integer("packed_rows", 0, "With data.packing: rows per step (default: the most a "
-                                       "step can have, 2 x train.batch_size).")
+                                       "step can have).")
 
     def _main(argv: list[str]) -> None:
         del argv

@@ -57,16 +57,19 @@ def score(config: Any, output: str) -> int:
             rows = list(range(begin, min(begin + batch_size, len(data))))
             padded = rows + [rows[-1]] * (batch_size - len(rows))  # fill the last batch; extra rows are dropped
             examples = data.select(padded)[:]
-            local = _batch(examples, rc.data, dp, tokenizer.pad_token_id)
+            local, order = _batch(examples, rc.data, dp, tokenizer.pad_token_id)
+            position = np.argsort(order)  # where example i sits in the (packed, reordered) batch
             # Every process holds the same global batch and places only its own shards (no cross-process check).
             batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
                      for k, v in local.items() if k != "index" or rc.data.packing}
             result = jax.device_get(logps(params, batch))
             for i in range(len(rows)):
-                line = {"index": int(local["index"][i]),
-                        "chosen_logps": float(result.chosen[i] / result.chosen_tokens[i]),
-                        "rejected_logps": float(result.rejected[i] / result.rejected_tokens[i]),
-                        "chosen_tokens": int(result.chosen_tokens[i]), "rejected_tokens": int(result.rejected_tokens[i])}
+                j = position[i]
+                line = {"index": int(examples["index"][i]),
+                        "chosen_logps": float(result.chosen[j] / result.chosen_tokens[j]),
+                        "rejected_logps": float(result.rejected[j] / result.rejected_tokens[j]),
+                        "chosen_tokens": int(result.chosen_tokens[j]),
+                        "rejected_tokens": int(result.rejected_tokens[j])}
                 if rc.run["score"]["dump_tokens"]:
                     for side in ("chosen", "rejected"):
                         tokens = examples[f"{side}_input_ids"][i]
@@ -78,15 +81,17 @@ def score(config: Any, output: str) -> int:
     return written
 
 
-def _batch(examples: dict, cfg: Any, dp: int, pad_id: int) -> dict:
-    """One global batch of examples: packed (`data.packing`, one micro-batch per data-parallel shard) or
-    right-padded to its bucket."""
+def _batch(examples: dict, cfg: Any, dp: int, pad_id: int) -> tuple[dict, np.ndarray]:
+    """One global batch of examples and its order (`order[position] = example`): packed (`data.packing`, one
+    micro-batch per data-parallel shard; the pairs reordered to balance the shards) or right-padded to its
+    bucket (in order)."""
     if cfg.packing:
         chosen, rejected = ([len(x) for x in examples[f"{s}_input_ids"]] for s in ("chosen", "rejected"))
-        layout = plan(np.asarray(chosen), np.asarray(rejected), dp, 1, cfg.max_length)
-        return pack_batch(examples, layout, 0, range(dp), cfg.max_length, pad_id)
+        layout = plan(np.asarray(chosen), np.asarray(rejected), dp, 1, cfg.row_length, cfg.max_length)
+        ordered = {k: [v[i] for i in layout.order] for k, v in examples.items()}
+        return pack_batch(ordered, layout, 0, range(dp), cfg.row_length, pad_id), layout.order
     length = max(map(len, examples["chosen_input_ids"] + examples["rejected_input_ids"]))
-    return pad_batch(examples, cfg.bucket_for(length), pad_id)
+    return pad_batch(examples, cfg.bucket_for(length), pad_id), np.arange(len(examples["index"]))
 
 
 def main() -> None:

@@ -40,8 +40,10 @@ def pairs_dataset(n: int, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows)
 
 
-def batches(data, pairs: int, packing: bool, micro_batches: int = 1, count: int = 1, **kwargs):
-    cfg = DataConfig(max_length=MAX_LENGTH, max_prompt_length=32, packing=packing, shuffle=False)
+def batches(data, pairs: int, packing: bool, micro_batches: int = 1, count: int = 1, packing_length: int = 0,
+            **kwargs):
+    cfg = DataConfig(max_length=MAX_LENGTH, max_prompt_length=32, packing=packing, shuffle=False,
+                     packing_length=packing_length).validate()
     it = BatchIterator(data, pairs, cfg, pad_id=0, micro_batches=micro_batches, **kwargs)
     return [next(it) for _ in range(count)]
 
@@ -65,18 +67,20 @@ def test_packed_rows_hold_every_sequence_once_with_its_own_positions_and_masks()
     (padded,), (packed,) = batches(data, 16, False), batches(data, 16, True, micro_batches=2)
     seg, ids, pos, loss = (packed[k] for k in ("segment_ids", "input_ids", "positions", "loss_mask"))
     assert packed["input_ids"].shape[1] == MAX_LENGTH and seg.shape[0] % 2 == 0
+    assert sorted(packed["index"]) == sorted(padded["index"])  # the same pairs, balanced over micro-batches
     for p in range(16):
         micro, local = p % 2, p // 2
+        q = int(np.flatnonzero(padded["index"] == packed["index"][p])[0])  # the pair's padded rows
         for side, offset in (("chosen", 1), ("rejected", 2)):
             in_micro = np.arange(len(seg))[:, None] % 2 == micro  # micro-batch j holds rows j, j + 2, ...
             rows, where = np.nonzero((seg == 2 * local + offset) & in_micro)
             assert len(set(rows)) == 1
             r = rows[0]
-            n = int(padded[f"{side}_attention_mask"][p].sum())
+            n = int(padded[f"{side}_attention_mask"][q].sum())
             assert len(where) == n and np.all(np.diff(where) == 1)  # contiguous
-            np.testing.assert_array_equal(ids[r, where], padded[f"{side}_input_ids"][p, :n])
+            np.testing.assert_array_equal(ids[r, where], padded[f"{side}_input_ids"][q, :n])
             np.testing.assert_array_equal(pos[r, where], np.arange(n))
-            want = padded[f"{side}_loss_mask"][p, :n].copy()
+            want = padded[f"{side}_loss_mask"][q, :n].copy()
             want[0] = 0
             np.testing.assert_array_equal(loss[r, where], want)
     real = int((seg > 0).sum())
@@ -98,16 +102,17 @@ def _grads(cfg, loss, params, ref, batch):
     return loss_and_grads(params, ref, jax.tree.map(jnp.asarray, batch))
 
 
-@pytest.mark.parametrize("loss,cfg", [
-    (LossConfig("simpo", beta=2.5, gamma_beta_ratio=0.55, sft_weight=0.5), WINDOWED),
-    (LossConfig("dpo", beta=0.1), TINY),
-    (LossConfig("kto", beta=0.1), TINY),  # KTO's KL reference point is a whole-batch statistic
-], ids=["simpo-window", "dpo", "kto"])
-def test_packed_loss_metrics_and_gradients_equal_the_padded_ones(loss, cfg):
+@pytest.mark.parametrize("loss,cfg,row", [
+    (LossConfig("simpo", beta=2.5, gamma_beta_ratio=0.55, sft_weight=0.5), WINDOWED, 0),
+    (LossConfig("dpo", beta=0.1), TINY, 2 * MAX_LENGTH),  # rows of twice max_length
+    (LossConfig("kto", beta=0.1), TINY, 0),  # KTO's KL reference point is a whole-batch statistic
+], ids=["simpo-window", "dpo-long-rows", "kto"])
+def test_packed_loss_metrics_and_gradients_equal_the_padded_ones(loss, cfg, row):
     data = pairs_dataset(8, seed=1)
-    (padded,), (packed,), (packed_micro,) = (batches(data, 8, False), batches(data, 8, True),
-                                              batches(data, 8, True, micro_batches=2))
-    assert packed["input_ids"].shape[0] < 16  # packing really put several answers into one row
+    (padded,), (packed,), (packed_micro,) = (batches(data, 8, False), batches(data, 8, True, packing_length=row),
+                                              batches(data, 8, True, micro_batches=2, packing_length=row))
+    assert packed["input_ids"].shape == (packed["input_ids"].shape[0], row or MAX_LENGTH)
+    assert packed["input_ids"].shape[0] < 16 * MAX_LENGTH / (row or MAX_LENGTH)  # several answers in a row
     state, steps, ref = build(loss, cfg=cfg)
     want_loss, want_grads = _grads(cfg, loss, state.params, ref, padded)
     got_loss, got_grads = _grads(cfg, loss, state.params, ref, packed)
@@ -171,16 +176,33 @@ def test_resumed_packed_iterator_continues_the_uninterrupted_one():
     assert all(b["input_ids"].shape[0] % 2 == 0 for b in want)  # g rows per micro-batch
 
 
-def test_plan_packs_each_data_parallel_micro_batch_group_alone():
+def test_plan_balances_the_pairs_over_shards_and_micro_batches_then_packs_each_group_alone():
     chosen, rejected = np.arange(1, 17) * 3, np.arange(16, 0, -1) * 3
+    chosen[:4] = 60  # the first shard's first pairs are long: unbalanced as given
     p = plan(chosen, rejected, dp=2, micro_batches=2, row_len=64)
-    assert len(p.groups) == 4
+    assert sorted(p.order) == list(range(16)) and len(p.groups) == 4
+    loads = []
     for index, group in enumerate(p.groups):
         d, j = divmod(index, 2)
-        pairs = {pair for row in group for pair, _ in row}
-        assert pairs == set(range(d * 8 + j, d * 8 + 8, 2))
-        assert all(sum((chosen, rejected)[s][q] for q, s in row) <= 64 for row in group)
+        positions = {pair for row in group for pair, _ in row}
+        assert positions == set(range(d * 8 + j, d * 8 + 8, 2))  # the group's places in the batch
+        assert all(sum((chosen, rejected)[s][p.order[q]] for q, s in row) <= 64 for row in group)
+        loads.append(sum(chosen[p.order[q]] + rejected[p.order[q]] for q in positions))
+    assert max(loads) - min(loads) <= max(chosen + rejected)  # balanced by tokens
     assert p.rows_per_group == max(len(g) for g in p.groups)
+    # Answers longer than half a row: one a row, 34 rows for 34 answers (not the ladder's 36).
+    long = np.full(17, 40)
+    assert plan(long, long, dp=1, micro_batches=1, row_len=64).rows_per_group == 34
+    # Rows of twice max_length hold any two answers: 17 rows for 34 (not the ladder's 18).
+    full = np.full(17, 64)
+    assert plan(full, full, dp=1, micro_batches=1, row_len=128, max_length=64).rows_per_group == 17
+
+
+def test_packing_length_must_be_a_multiple_of_max_length():
+    from simpo_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data config field 'packing_length': must be 0 .max_length. or a multiple"):
+        DataConfig(max_length=64, max_prompt_length=32, packing=True, packing_length=100).validate()
 
 
 @multi_device(8)

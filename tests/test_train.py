@@ -71,14 +71,15 @@ def _wait_for_lines(proc, out, lines):
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    _train(full)
+    """With packed batches (the padded ones: test_resume_faults.py), killed mid-epoch (32 steps an epoch)."""
+    full, killed, packing = tmp_path / "full", tmp_path / "killed", "--config.data.packing=True"
+    _train(full, packing)
     # The run SIGKILLs itself after step 10, while the (asynchronous) save of step 8 may be in flight.
-    proc = _train(killed, wait=False, env={"SIMPO_JAX_SIGKILL_AT_STEP": "10"})
+    proc = _train(killed, packing, wait=False, env={"SIMPO_JAX_SIGKILL_AT_STEP": "10"})
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert len(_metrics(killed)) == 10
-    output = _train(killed)
+    output = _train(killed, packing)
     assert "resumed from the checkpoint of step" in output
     assert _metrics(killed) == _metrics(full)  # every metric of every step, exactly
     assert (killed / "hf" / "model.safetensors").exists() and (killed / "tensorboard").is_dir()

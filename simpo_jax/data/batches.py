@@ -128,11 +128,11 @@ class BatchIterator:
         if self.step >= self.batches_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         rows = self.order(self.epoch)[self.step * self.global_batch:(self.step + 1) * self.global_batch]
-        start, stop = self.rows
-        local_rows = self.dataset.select(rows[start:stop].tolist())[:]
         self.step += 1
         if self.cfg.packing:
-            return self._packed(rows, local_rows)
+            return self._packed(rows)
+        start, stop = self.rows
+        local_rows = self.dataset.select(rows[start:stop].tolist())[:]
         local = pad_batch(local_rows, self.cfg.bucket_for(int(self.lengths[rows].max())), self.pad_id)
         if self.sharding is None:
             return local
@@ -140,16 +140,17 @@ class BatchIterator:
                 for k, v in local.items()}
 
     def plan(self, rows: np.ndarray) -> packing.PackPlan:
-        """How the pairs at dataset `rows` (a global batch, in order) are packed."""
+        """How the pairs at dataset `rows` (a global batch) are reordered and packed."""
         return packing.plan(self.chosen_len[rows], self.rejected_len[rows], self.dp, self.micro_batches,
-                            self.cfg.max_length)
+                            self.cfg.row_length, self.cfg.max_length)
 
-    def _packed(self, rows: np.ndarray, local_rows: dict) -> dict[str, Any]:
+    def _packed(self, rows: np.ndarray) -> dict[str, Any]:
         plan = self.plan(rows)
+        rows = rows[plan.order]  # the pairs balanced over the (shard, micro-batch) groups
         start, stop = self.rows
         per_shard = self.global_batch // self.dp
-        local = pack_batch(local_rows, plan, start, range(start // per_shard, stop // per_shard),
-                           self.cfg.max_length, self.pad_id)
+        local = pack_batch(self.dataset.select(rows[start:stop].tolist())[:], plan, start,
+                           range(start // per_shard, stop // per_shard), self.cfg.row_length, self.pad_id)
         if self.sharding is None:
             return local
         total_rows = plan.rows_per_group * self.micro_batches * self.dp

@@ -36,9 +36,12 @@ class DataConfig:
     # Batching.
     bucket_lengths: tuple[int, ...] | None = None  # None: powers of two from 64 up to max_length
     pad_to_max_length: bool = False
-    # Pack the pairs' answers as segments of rows of max_length positions instead (no bucketing; see
-    # simpo_jax/data/packing.py): same loss, same pairs per step, far less padding.
+    # Pack the pairs' answers as segments of rows instead (no bucketing; see simpo_jax/data/packing.py): same loss,
+    # same pairs per step, far less padding. Rows are packing_length long (0: max_length); a multiple k of
+    # max_length holds at least k answers a row (answers longer than half of max_length share rows), so a step
+    # still never has more positions than the padded batch at max_length.
     packing: bool = False
+    packing_length: int = 0
     seed: int = 42
     shuffle: bool = True
     # Bad rows: skipped and counted by reason, or an error on the first one.
@@ -57,12 +60,19 @@ class DataConfig:
         check(self.overlong_prompts in OVERLONG_PROMPTS, "data", "overlong_prompts",
               f"{self.overlong_prompts!r} is not one of {', '.join(OVERLONG_PROMPTS)}")
         check(0.0 <= self.eval_fraction < 1.0, "data", "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        check(self.packing_length >= 0 and self.packing_length % self.max_length == 0, "data", "packing_length",
+              f"must be 0 (max_length) or a multiple of max_length={self.max_length}, got {self.packing_length}")
         if self.bucket_lengths is not None and not self.pad_to_max_length:  # unused when padding to max_length
             check(len(self.bucket_lengths) > 0 and all(b > 0 for b in self.bucket_lengths), "data", "bucket_lengths",
                   "must be positive lengths")
             check(max(self.bucket_lengths) >= self.max_length, "data", "bucket_lengths",
                   f"the largest bucket must be >= max_length={self.max_length}")
         return self
+
+    @property
+    def row_length(self) -> int:
+        """Positions in a packed row."""
+        return self.packing_length or self.max_length
 
     def bucket_for(self, longest: int) -> int:
         """The smallest bucket that holds `longest` tokens (the largest bucket when none does)."""

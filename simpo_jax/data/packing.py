@@ -1,16 +1,19 @@
 """Packed preference batches: the chosen and rejected answers of many pairs share rows of `max_length` positions.
 
-Every answer (with its own copy of the prompt) is one segment of a row: `segment_ids` (0 = padding) keep
+Every answer (with its own copy of the prompt) is one segment of a row (`data.packing_length` positions,
+by default `max_length`): `segment_ids` (0 = padding) keep
 attention inside a segment and `positions` restart at 0 in each, so each sequence sees exactly what it
 sees alone in a padded row. A segment's id names its sequence within the micro-batch: pair `q` (its index
 among the micro-batch's pairs) has chosen `2q + 1` and rejected `2q + 2`, so the step sums per-token
 log-probs by segment id straight into `[pairs]` arrays and the loss is unchanged.
 
 Packing respects the step's layout: a global batch of `B` pairs is `dp` data-parallel shards times
-`micro_batches`, and each (shard, micro-batch) group of pairs is packed into its own `g` rows (the same `g`
+`micro_batches`, and each (shard, micro-batch) group of pairs is packed into its own `g` rows. The batch's
+pairs are first reordered so that the groups hold near-equal token counts (the loss is a mean over the
+batch: the order does not change it), then each group is packed first-fit decreasing. `g` is the same
 for all groups: the largest any group needs, rounded up to a row count with four significant bits, so the
-step compiles for a bounded set of shapes; never more than one row per sequence, so a packed step is never
-larger than the padded one at `max_length`). Rows are laid out like `split_micro_batches` expects: a device
+step compiles for a bounded set of shapes; never more rows than the answers need in the worst case, so a
+packed step never has more positions than the padded one at `max_length`). Rows are laid out like `split_micro_batches` expects: a device
 holds `g * micro_batches` contiguous rows and row `u` of them belongs to micro-batch `u % micro_batches`.
 """
 from __future__ import annotations
@@ -31,6 +34,11 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def max_rows(answers: int, per_row: int) -> int:
+    """The most rows a group of `answers` packs into when any `per_row` of them fit in one row."""
+    return -(-answers // per_row)
+
+
 def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins of sequence indices (longest first, each into the first row with room); every length <= capacity."""
     free: list[int] = []
@@ -49,36 +57,60 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 class PackPlan(NamedTuple):
-    """Rows per group and each group's bins of `(pair, side)` sequences (side 0 chosen, 1 rejected)."""
+    """The batch's pairs reordered (`order[new position] = old position`), rows per group, and each group's
+    rows of `(pair, side)` sequences (pair: its new position in the batch; side 0 chosen, 1 rejected)."""
 
+    order: np.ndarray
     rows_per_group: int
-    groups: list[list[list[tuple[int, int]]]]  # [group][row] -> [(pair in batch, side)]
+    groups: list[list[list[tuple[int, int]]]]  # [group][row] -> [(pair, side)]
     dp: int
     micro_batches: int
 
 
-def plan(chosen_len: np.ndarray, rejected_len: np.ndarray, dp: int, micro_batches: int, row_len: int) -> PackPlan:
-    """Pack a global batch's pairs (lengths `[B]` per side) group by group into rows of `row_len` positions."""
+def balance(sizes: np.ndarray, groups: int) -> list[list[int]]:
+    """Split pairs into `groups` equal-count groups with near-equal token sums (largest first, each to the
+    lightest group that still has room); every group's pairs in ascending order."""
+    per_group = len(sizes) // groups
+    load, members = np.zeros(groups, np.int64), [[] for _ in range(groups)]
+    for i in np.argsort(-sizes, kind="stable"):
+        open_groups = np.flatnonzero([len(m) < per_group for m in members])
+        g = int(open_groups[np.argmin(load[open_groups])])
+        load[g] += sizes[i]
+        members[g].append(int(i))
+    return [sorted(m) for m in members]
+
+
+def plan(chosen_len: np.ndarray, rejected_len: np.ndarray, dp: int, micro_batches: int, row_len: int,
+         max_length: int | None = None) -> PackPlan:
+    """Pack a global batch's pairs (lengths `[B]` per side, each <= `max_length`, by default `row_len`) group
+    by group into rows of `row_len` positions.
+
+    Which pairs share a (shard, micro-batch) group does not change the loss (a mean over the batch's pairs), so
+    the pairs are first balanced over the groups by tokens: the step's row count is the fullest group's."""
     batch = len(chosen_len)
-    per_shard = batch // dp
+    per_shard, m = batch // dp, micro_batches
+    order = np.zeros(batch, np.int64)
     groups = []
-    for d in range(dp):
-        for j in range(micro_batches):
-            pairs = np.arange(d * per_shard + j, (d + 1) * per_shard, micro_batches)
-            seqs = [(int(p), side) for p in pairs for side in (0, 1)]
-            lengths = np.asarray([(chosen_len, rejected_len)[side][p] for p, side in seqs])
-            groups.append([[seqs[i] for i in row] for row in first_fit_decreasing(lengths, row_len)])
-    # Never more rows than sequences: the worst case is the padded batch's shape.
-    rows = min(row_bucket(max(len(g) for g in groups)), 2 * (per_shard // micro_batches))
-    return PackPlan(rows, groups, dp, micro_batches)
+    for index, members in enumerate(balance(np.asarray(chosen_len) + np.asarray(rejected_len), dp * m)):
+        d, j = divmod(index, m)
+        pairs = np.arange(d * per_shard + j, (d + 1) * per_shard, m)  # the group's positions in the batch
+        order[pairs] = members
+        seqs = [(int(p), side) for p in pairs for side in (0, 1)]
+        lengths = np.asarray([(chosen_len, rejected_len)[side][order[p]] for p, side in seqs])
+        groups.append([[seqs[i] for i in row] for row in first_fit_decreasing(lengths, row_len)])
+    # Any k = row_len // max_length answers fit in a row, so first-fit puts at least k in every row but the last:
+    # never more positions than the padded batch at max_length (one row per answer when k = 1).
+    per_row = row_len // (max_length or row_len)
+    rows = min(row_bucket(max(len(g) for g in groups)), max_rows(2 * (per_shard // m), per_row))
+    return PackPlan(order, rows, groups, dp, m)
 
 
 def fill_rows(plan: PackPlan, rows: dict[str, list], first_pair: int, shards: range, row_len: int,
               pad_id: int) -> dict[str, np.ndarray]:
     """The packed arrays of the data-parallel `shards` this process holds (`[shards * g * m, row_len]` each).
 
-    `rows` holds the tokenized pairs of those shards (`*_input_ids`, `*_prompt_len`, `index`), the first of
-    them being pair `first_pair` of the global batch."""
+    `rows` holds the tokenized pairs of those shards in the plan's order (`*_input_ids`, `*_prompt_len`), the
+    first of them being pair `first_pair` of the reordered global batch."""
     m, g = plan.micro_batches, plan.rows_per_group
     n = len(shards) * g * m
     out = {"input_ids": np.full((n, row_len), pad_id, np.int32)}
