@@ -27,7 +27,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, HERE]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 MAX_LENGTH, MAX_PROMPT = 1024, 512
@@ -178,11 +178,10 @@ def attention_share(length: int) -> float:
 
 
 def report(shares: dict, timings: dict, command: str, started: datetime.datetime, wall: float) -> str:
-    import platform
+    from common import machine
 
     lines = [f"# Packing benchmark ({started:%Y-%m-%d %H:%M %Z})", "",
-             f"Command: `{command}` ({wall:.0f} s wall). Host: {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{platform.processor() or 'unknown CPU'}.", "",
+             f"Command: `{command}` ({wall:.0f} s wall). Host: {machine()}, CPU only.", "",
              f"Global batches of {PAIRS} pairs laid out as the Llama-3-8B v5p-16 preset trains ({DP} data-parallel "
              f"shards x {MICRO} micro-batches); max_length as named, max_prompt_length {MAX_PROMPT}; packed rows "
              "are max_length long unless named (`data.packing_length`).", "",

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config, model_config
 from simpo_jax.data.packing import max_rows
-from simpo_jax.errors import check
+from simpo_jax.errors import ConfigError
 from simpo_jax.flops import train_step_flops
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.decoder import abstract_decoder
@@ -148,12 +148,15 @@ def check_fit(config: Any, tpu: Slice, devices: list | None = None, packed_rows:
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=steps.batch_sharding)
     args: list[Any] = [state, {k: ids for k in BATCH_KEYS}]
     rows = 0
+    if packed_rows and not rc.data.packing:
+        raise ConfigError("--packed_rows: the step is not packed (set --config.data.packing=True)")
     if rc.data.packing:
         groups = data_parallel_size(mesh) * rc.step.micro_batches
         seq = rc.data.row_length
         rows = packed_rows or groups * max_rows(2 * batch // groups, seq // rc.data.max_length)
-        check(rows % groups == 0, "aot", "packed_rows", f"{rows} rows do not split over data-parallel size "
-              f"{data_parallel_size(mesh)} x micro_batches {rc.step.micro_batches}")
+        if rows < 0 or rows % groups:
+            raise ConfigError(f"--packed_rows: {rows} rows do not split over data-parallel size "
+                              f"{data_parallel_size(mesh)} x micro_batches {rc.step.micro_batches}")
         packed = jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=steps.batch_sharding)
         args[1] = {k: packed for k in PACKED_BATCH_KEYS[:-1]}
         args[1]["index"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=steps.batch_sharding)

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -215,6 +216,12 @@ def _checked(fn: Callable, loss_cfg: LossConfig, step_cfg: StepConfig, use_ref_m
         if packed and batch["input_ids"].shape[0] % step_cfg.micro_batches:
             raise ValueError(f"packed batch of {batch['input_ids'].shape[0]} rows is not divisible by "
                              f"micro_batches={step_cfg.micro_batches}")
+        # Segment ids count pairs within a micro-batch: a batch packed for fewer micro-batches has larger ones.
+        # (Checked on host arrays; BatchIterator's global arrays are laid out for the step by construction.)
+        if packed and isinstance(batch["segment_ids"], np.ndarray) and \
+                batch["segment_ids"].max() > 2 * size // step_cfg.micro_batches:
+            raise ValueError(f"packed batch was not laid out for micro_batches={step_cfg.micro_batches} (build it "
+                             "with BatchIterator(..., micro_batches=...))")
         if use_ref_model and ref_params is None:
             raise ValueError(f"loss {loss_cfg.name!r} with step.reference='model' needs reference params")
         if use_ref_model and global_batch is not None:

@@ -150,7 +150,9 @@ def test_no_attention_across_segments(impl):
 
     before = np.asarray(sums(jnp.asarray(packed["input_ids"])))
     seg = packed["segment_ids"]
-    row = int(np.argmax([len(set(r[r > 0])) > 1 for r in seg]))
+    several = [len(set(r[r > 0])) > 1 for r in seg]
+    assert any(several)
+    row = int(np.argmax(several))
     target = int(seg[row][seg[row] > 0][-1])  # the last segment of a row that holds several
     changed = packed["input_ids"].copy()
     changed[seg == target] = (changed[seg == target] + 7) % 96
@@ -198,11 +200,48 @@ def test_plan_balances_the_pairs_over_shards_and_micro_batches_then_packs_each_g
     assert plan(full, full, dp=1, micro_batches=1, row_len=128, max_length=64).rows_per_group == 17
 
 
-def test_packing_length_must_be_a_multiple_of_max_length():
+@pytest.mark.parametrize("fields,message", [
+    (dict(packing=True, packing_length=100), "'packing_length': must be 0 .max_length. or a multiple of max_length"),
+    (dict(packing_length=128), "'packing_length': sets the length of packed rows: it needs data.packing=True"),
+    (dict(packing=True, pad_to_max_length=True), "'pad_to_max_length': pads every row to max_length, which"),
+])
+def test_contradictory_packing_fields_are_named(fields, message):
     from simpo_jax.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data config field 'packing_length': must be 0 .max_length. or a multiple"):
-        DataConfig(max_length=64, max_prompt_length=32, packing=True, packing_length=100).validate()
+    with pytest.raises(ConfigError, match=f"data config field {message}"):
+        DataConfig(max_length=64, max_prompt_length=32, **fields).validate()
+
+
+def test_an_answer_longer_than_max_length_is_refused_not_packed_over_a_neighbour():
+    from simpo_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'max_length': a packed answer has 70 tokens, more than max_length=64"):
+        plan(np.full(4, 70), np.full(4, 10), dp=1, micro_batches=1, row_len=128, max_length=64)
+
+
+def test_a_process_packs_only_its_own_shards_as_the_whole_batch_has_them():
+    """Two processes of two data-parallel shards each: the second one's rows are the global batch's second half."""
+    from simpo_jax.data.batches import pack_batch
+
+    data = pairs_dataset(16, seed=5)
+    (whole,) = batches(data, 16, True, micro_batches=2, data_parallel=4)
+    cfg = DataConfig(max_length=MAX_LENGTH, max_prompt_length=32, packing=True, shuffle=False)
+    it = BatchIterator(data, 16, cfg, pad_id=0, micro_batches=2, data_parallel=4)
+    rows = np.arange(16)
+    layout = it.plan(rows)
+    ordered = rows[layout.order]
+    second = pack_batch(data.select(ordered[8:].tolist())[:], layout, 8, range(2, 4), MAX_LENGTH, 0)
+    half = whole["input_ids"].shape[0] // 2
+    for key, value in second.items():
+        np.testing.assert_array_equal(value, whole[key][8:] if key == "index" else whole[key][half:], err_msg=key)
+
+
+def test_a_batch_packed_for_other_micro_batches_is_refused():
+    state, steps, _ = build(LossConfig("simpo"), micro_batches=2)
+    packed = next(b for seed in range(6, 40) for (b,) in [batches(pairs_dataset(8, seed=seed), 8, True)]
+                  if b["input_ids"].shape[0] % 2 == 0)  # laid out for one micro-batch, an even row count
+    with pytest.raises(ValueError, match="not laid out for micro_batches=2"):
+        steps.eval(state.params, packed)
 
 
 @multi_device(8)

@@ -42,7 +42,7 @@ def sequence_lengths(dataset: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]
     """Token counts `[rows]` of the chosen and of the rejected sequences (from Arrow, without reading tokens)."""
     import pyarrow.compute as pc
 
-    table = dataset.with_format("arrow")[:]
+    table = dataset.select_columns(["chosen_input_ids", "rejected_input_ids"]).with_format("arrow")[:]
     return tuple(pc.list_value_length(table.column(f"{side}_input_ids")).to_numpy(zero_copy_only=False)
                  .astype(np.int64) for side in ("chosen", "rejected"))
 

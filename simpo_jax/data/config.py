@@ -62,6 +62,11 @@ class DataConfig:
         check(0.0 <= self.eval_fraction < 1.0, "data", "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         check(self.packing_length >= 0 and self.packing_length % self.max_length == 0, "data", "packing_length",
               f"must be 0 (max_length) or a multiple of max_length={self.max_length}, got {self.packing_length}")
+        check(self.packing or not self.packing_length, "data", "packing_length",
+              "sets the length of packed rows: it needs data.packing=True")
+        check(not (self.packing and self.pad_to_max_length), "data", "pad_to_max_length",
+              "pads every row to max_length, which data.packing replaces (packed rows are data.packing_length or "
+              "max_length long): set one of them")
         if self.bucket_lengths is not None and not self.pad_to_max_length:  # unused when padding to max_length
             check(len(self.bucket_lengths) > 0 and all(b > 0 for b in self.bucket_lengths), "data", "bucket_lengths",
                   "must be positive lengths")

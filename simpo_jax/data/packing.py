@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from simpo_jax.errors import check
+
 PACKED_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask")
 
 
@@ -89,6 +91,9 @@ def plan(chosen_len: np.ndarray, rejected_len: np.ndarray, dp: int, micro_batche
     the pairs are first balanced over the groups by tokens: the step's row count is the fullest group's."""
     batch = len(chosen_len)
     per_shard, m = batch // dp, micro_batches
+    longest = int(max(np.max(chosen_len), np.max(rejected_len)))
+    check(longest <= (max_length or row_len), "data", "max_length",
+          f"a packed answer has {longest} tokens, more than max_length={max_length or row_len} (tokenize with it)")
     order = np.zeros(batch, np.int64)
     groups = []
     for index, members in enumerate(balance(np.asarray(chosen_len) + np.asarray(rejected_len), dp * m)):
