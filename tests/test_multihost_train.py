@@ -81,12 +81,14 @@ def _score_command(out, *extra):
 
 
 def test_two_processes_score_like_one_process(tmp_path):
-    """Every process feeds the same global batches and gets the whole result; only process 0 writes."""
+    """Every process feeds the same global batches and gets the whole result; only process 0 writes. The pair
+    scores packed rows (the pairs reordered over the 4 data-parallel shards), the single process padded ones."""
     single = tmp_path / "single.jsonl"
     proc = subprocess.run(_score_command(single), cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, **CPU8), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    procs = _start_pair(_score_command, [tmp_path / f"multi{i}.jsonl" for i in range(2)])
+    procs = _start_pair(_score_command, [tmp_path / f"multi{i}.jsonl" for i in range(2)],
+                        "--config.data.packing=True")
     outputs = _finish(procs, timeout=300)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     want = [json.loads(line) for line in single.read_text().splitlines()]
