@@ -70,6 +70,12 @@ def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, r
     return {f"eval_{k}": v / it.batches_per_epoch for k, v in totals.items()}
 
 
+def batch_positions(batch: dict) -> int:
+    """Positions the step computes over: packed rows, or the padded chosen and rejected rows."""
+    ids = batch["input_ids"] if "segment_ids" in batch else batch["chosen_input_ids"]
+    return ids.shape[0] * ids.shape[1] * (1 if "segment_ids" in batch else 2)
+
+
 def run(config: Any) -> dict[str, float]:
     """Train as configured; returns the final held-out metrics (empty without a held-out split)."""
     rc = build_run_config(config)
@@ -136,9 +142,11 @@ def run(config: Any) -> dict[str, float]:
     last_saved = start
     for step in range(start + 1, total + 1):
         began = time.perf_counter()
-        state, metrics = steps.train(state, next(batches), *ref)
+        batch = next(batches)
+        state, metrics = steps.train(state, batch, *ref)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - began
+        metrics["padding_share"] = 1.0 - metrics["tokens"] / batch_positions(batch)
         if not math.isfinite(metrics["loss"]):
             checkpoints.close()
             sys.exit(f"error: the loss at step {step} is {metrics['loss']}; stopping. The last good checkpoint "
