@@ -1,20 +1,21 @@
-"""Packed preference batches: the chosen and rejected answers of many pairs share rows of `max_length` positions.
+"""Packed preference batches: the chosen and rejected answers of many pairs share rows of positions.
 
-Every answer (with its own copy of the prompt) is one segment of a row (`data.packing_length` positions,
-by default `max_length`): `segment_ids` (0 = padding) keep
-attention inside a segment and `positions` restart at 0 in each, so each sequence sees exactly what it
-sees alone in a padded row. A segment's id names its sequence within the micro-batch: pair `q` (its index
-among the micro-batch's pairs) has chosen `2q + 1` and rejected `2q + 2`, so the step sums per-token
-log-probs by segment id straight into `[pairs]` arrays and the loss is unchanged.
+Every answer (with its own copy of the prompt) is one segment of a row of `data.packing_length` positions
+(by default `max_length`): `segment_ids` (0 = padding) keep attention inside a segment and `positions`
+restart at 0 in each, so each sequence sees exactly what it sees alone in a padded row. A segment's id
+names its sequence within the micro-batch: pair `q` (its index among the micro-batch's pairs) has chosen
+`2q + 1` and rejected `2q + 2`, so the step sums per-token log-probs by segment id straight into `[pairs]`
+arrays and the loss is unchanged.
 
 Packing respects the step's layout: a global batch of `B` pairs is `dp` data-parallel shards times
 `micro_batches`, and each (shard, micro-batch) group of pairs is packed into its own `g` rows. The batch's
 pairs are first reordered so that the groups hold near-equal token counts (the loss is a mean over the
-batch: the order does not change it), then each group is packed first-fit decreasing. `g` is the same
-for all groups: the largest any group needs, rounded up to a row count with four significant bits, so the
-step compiles for a bounded set of shapes; never more rows than the answers need in the worst case, so a
-packed step never has more positions than the padded one at `max_length`). Rows are laid out like `split_micro_batches` expects: a device
-holds `g * micro_batches` contiguous rows and row `u` of them belongs to micro-batch `u % micro_batches`.
+batch: the order does not change it), then each group is packed first-fit decreasing. `g` is the same for
+all groups: the largest any group needs, rounded up to a row count with four significant bits (so the step
+compiles for a bounded set of shapes), but never more than the answers can need, so a packed step never
+has more positions than the padded one at `max_length`. Rows are laid out as `split_micro_batches` expects:
+a device holds `g * micro_batches` contiguous rows and row `u` of them belongs to micro-batch
+`u % micro_batches`.
 """
 from __future__ import annotations
 
