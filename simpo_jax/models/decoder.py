@@ -62,6 +62,12 @@ def scan_layers(cfg: ModelConfig, layers: nnx.Module, carry: Any, step: Callable
     for start, stop, period in cfg.layer_groups:
         whole = (start, stop) == (0, cfg.num_layers)
         part = jax.tree.map(lambda x: x if whole else x[start:stop], (state, extra))
+        if period == 1:  # one layer per step: scan the stacked layers as they are (no [n, 1, ...] reshape)
+            def one(carry, xs, window=windows[start]):
+                return step(nnx.merge(graphdef, xs[0]), carry, window, xs[1]), None
+
+            carry = jax.lax.scan(one, carry, part)[0]
+            continue
         grouped = jax.tree.map(lambda x: x.reshape((stop - start) // period, period, *x.shape[1:]), part)
 
         def body(carry, xs, start=start, period=period):
