@@ -116,8 +116,9 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
         if is_packed(batch):  # chosen answers have odd segment ids, rejected even ones (0: padding)
             seg = batch["segment_ids"]
             chosen, rejected = ((seg > 0) & (seg % 2 == r) for r in (1, 0))
+            scored = (batch["loss_mask"][:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])  # as logprobs counts tokens
             return {"pairs": jnp.asarray(batch["index"].shape[0], jnp.float32),
-                    "chosen_tokens": jnp.sum(jnp.where(chosen, batch["loss_mask"], 0).astype(jnp.float32)),
+                    "chosen_tokens": jnp.sum((scored & chosen[:, 1:]).astype(jnp.float32)),
                     "positions": jnp.stack([jnp.sum(chosen.astype(jnp.float32)),
                                             jnp.sum(rejected.astype(jnp.float32))]) * vocab}
         mask = lambda k: batch[k].astype(jnp.float32)  # noqa: E731
