@@ -5,8 +5,9 @@
 Length distributions (max_prompt_length 512, the official truncation rules): HH-RLHF harmless-base (the
 shared file, in SmolLM2's chat format and tokenizer, as `configs/smollm2_hh.py`) at max_length 1,024, and a
 synthetic UltraFeedback-like one (prompts ~150 tokens, answers uniform in 50..1,000) at max_length 1,024 and
-at the official UltraFeedback recipes' 2,048 (at 1,024 also packed into rows of 2,048). Batches are laid out as the Llama-3-8B v5p-16 preset trains:
-128 pairs a step, 8 data-parallel shards x 2 micro-batches, so each device's micro-batch holds 8 pairs.
+at the official UltraFeedback recipes' 2,048 (at 1,024 also packed into rows of 2,048). Batches are laid
+out as the Llama-3-8B v5p-16 preset trains: 128 pairs a step, 8 data-parallel shards x 2 micro-batches, so
+each device's micro-batch holds 8 pairs.
 
 1. Padding share over a whole epoch (no compute): bucketed rows (what the trainer builds without packing:
    every row of the batch padded to the power-of-two bucket of the batch's longest sequence) against packed
