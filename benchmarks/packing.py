@@ -84,27 +84,27 @@ def ultrafeedback_like(max_length: int, n: int = 2048, seed: int = 0):
 
 
 def epoch_shares(data, max_length: int, row_length: int) -> dict:
-    """Padding shares and shape counts over one epoch of global batches, bucketed and packed."""
-    from simpo_jax.data.batches import sequence_lengths
-    from simpo_jax.data.packing import plan
+    """Padding shares and shape counts over one epoch of the trainer's global batches, bucketed and packed."""
+    from simpo_jax.data import BatchIterator
 
-    cfg = data_config(False, max_length)
-    chosen, rejected = sequence_lengths(data)
+    cfg = data_config(True, max_length, row_length)
+    it = BatchIterator(data, PAIRS, cfg, pad_id=0, micro_batches=MICRO, data_parallel=DP)  # the trainer's order
+    chosen, rejected = it.chosen_len, it.rejected_len
     prompts = np.minimum(np.asarray(data["chosen_prompt_len"]), np.asarray(data["rejected_prompt_len"]))
-    order = np.random.default_rng([cfg.seed, 0]).permutation(len(data))
+    order = it.order(0)
     real = bucketed = packed = 0
     buckets, rows = set(), []
-    for b in range(len(data) // PAIRS):
+    for b in range(it.batches_per_epoch):
         pairs = order[b * PAIRS:(b + 1) * PAIRS]
-        length = cfg.bucket_for(int(max(chosen[pairs].max(), rejected[pairs].max())))
-        layout = plan(chosen[pairs], rejected[pairs], DP, MICRO, row_length, max_length)
+        length = cfg.bucket_for(int(it.lengths[pairs].max()))
+        layout = it.plan(pairs)
         real += int(chosen[pairs].sum() + rejected[pairs].sum())
         bucketed += 2 * PAIRS * length
         packed += layout.rows_per_group * DP * MICRO * row_length
         buckets.add(length)
         rows.append(layout.rows_per_group)
     total = int(chosen.sum() + rejected.sum())
-    return {"batches": len(data) // PAIRS, "real": real, "bucketed": 1 - real / bucketed, "packed": 1 - real / packed,
+    return {"batches": it.batches_per_epoch, "real": real, "bucketed": 1 - real / bucketed, "packed": 1 - real / packed,
             "bucket_shapes": sorted(buckets), "row_shapes": sorted(set(rows)),
             "rows_per_step": (int(np.median(rows)) * DP * MICRO, max(rows) * DP * MICRO),
             "shared_prompt_saving": float(prompts.sum()) / total, "mean_length": total / (2 * len(data))}

@@ -32,7 +32,7 @@ from simpo_jax.logging_utils import MetricsLogger, truncate_metrics
 from simpo_jax.models.hf_export import export_hf
 from simpo_jax.optim import make_optimizer
 from simpo_jax.sharding import batch_sharding
-from simpo_jax.step import copy_params, init_train_state, make_steps
+from simpo_jax.step import copy_params, init_train_state, is_packed, make_steps
 from simpo_jax.topology import parse_slice
 
 SUMMARY_FILE = "summary.json"
@@ -72,8 +72,9 @@ def evaluate(steps, params, data, cfg, batch_size: int, pad_id: int, sharding, r
 
 def batch_positions(batch: dict) -> int:
     """Positions the step computes over: packed rows, or the padded chosen and rejected rows."""
-    ids = batch["input_ids"] if "segment_ids" in batch else batch["chosen_input_ids"]
-    return ids.shape[0] * ids.shape[1] * (1 if "segment_ids" in batch else 2)
+    if is_packed(batch):
+        return batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
+    return 2 * batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1]
 
 
 def run(config: Any) -> dict[str, float]:
