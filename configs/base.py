@@ -10,7 +10,12 @@ def get_config() -> ConfigDict:
         hf_path="", preset="", dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full",
         attention_impl="xla", vocab_size=placeholder(int), hidden_size=placeholder(int),
         intermediate_size=placeholder(int), num_layers=placeholder(int), num_heads=placeholder(int),
-        num_kv_heads=placeholder(int), max_position_embeddings=placeholder(int)))
+        num_kv_heads=placeholder(int), max_position_embeddings=placeholder(int),
+        # LoRA: rank >= 1 trains adapters on `targets` (default: q/k/v/o/gate/up/down_proj) with scale alpha / rank
+        # (alpha defaults to rank; rslora: alpha / sqrt(rank)) and dropout on their input; the base stays frozen in
+        # param_dtype. adapter_path: a PEFT adapter directory to continue training (its rank, alpha, targets).
+        lora=ConfigDict(dict(rank=0, alpha=placeholder(float), dropout=placeholder(float), targets=placeholder(tuple),
+                             rslora=placeholder(bool), adapter_path=""))))
     c.reference = ConfigDict(dict(hf_path=""))  # DPO-style losses: "" = a frozen copy of the initial policy
     c.data = ConfigDict(dict(
         path="", builtin="", builtin_train_rows=0, builtin_eval_rows=0, tokenizer_path="", train_split="train",

@@ -14,7 +14,7 @@ from simpo_jax.data.builtin import builtin_dataset
 from simpo_jax.errors import ConfigError, check
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.hf_import import load_hf, read_hf_config, resolve_model_dir
-from simpo_jax.step import random_params
+from simpo_jax.step import attach_adapters, random_params
 
 
 def tokenizer_dir(rc: RunConfig) -> str:
@@ -51,21 +51,31 @@ def load_data(rc: RunConfig, verbose: bool) -> tuple[Any, Any, Any]:
 
 
 def build_model(rc: RunConfig, mesh: Mesh, tokenizer: Any, seed: int) -> tuple[nnx.GraphDef, Any, ModelConfig]:
-    """(graphdef, sharded params, config): loaded from `model.hf_path`, or randomly initialised."""
+    """(graphdef, sharded params, config): loaded from `model.hf_path`, or randomly initialised; with `model.lora`,
+    plus LoRA adapters (new, or a PEFT adapter's from `model.lora.adapter_path`)."""
     runtime = {k: v for k, v in rc.model.items() if k in MODEL_RUNTIME and v is not None}
+    lora = rc.model.get("lora")
     if rc.model.get("hf_path"):
-        shape = [k for k, v in rc.model.items() if k not in runtime and k not in ("hf_path", "preset") and v is not None]
+        shape = [k for k, v in rc.model.items()
+                 if k not in runtime and k not in ("hf_path", "preset", "lora") and v is not None]
         check(not shape, "model", shape[0] if shape else "", "cannot override the shape of a loaded checkpoint")
         model = load_hf(rc.model["hf_path"], mesh=mesh, **runtime)
         graphdef, params = nnx.split(model)
         cfg = model.cfg
         _check_preset_shape(rc.model.get("preset"), cfg)
+        if lora is not None:  # adapters on the loaded base
+            cfg = cfg.replace(lora=lora)
+            graphdef, params = attach_adapters(cfg, params, mesh, seed=seed)
     else:
         cfg = model_config(rc.model).replace(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         check(cfg.vocab_size >= len(tokenizer), "model", "vocab_size",
               f"{cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
         graphdef, params = random_params(cfg, mesh, seed=seed)
+    if rc.run.get("lora_adapter"):  # a PEFT adapter's weights, to go on training it
+        from simpo_jax.models.peft_io import load_peft_adapter
+
+        params = load_peft_adapter(rc.run["lora_adapter"], cfg, params)
     return graphdef, params, cfg
 
 

@@ -3,7 +3,8 @@
 Arrays are saved as the global sharded arrays they are; restoring takes the shardings of the state it
 restores into, so a run can resume on a different mesh than the one that saved. A step whose files are
 damaged (truncated, partly copied, missing) is warned about and moved aside; the run resumes from the newest
-checkpoint that restores.
+checkpoint that restores. A LoRA run saves the adapters and their optimizer state only, with the frozen
+base's identity (its shapes and per-tensor checksums): resuming on another base is refused.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from flax import nnx
 
 from simpo_jax.distributed import any_process
 from simpo_jax.errors import UserError
+from simpo_jax.models.lora import join, split_trainable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,41 @@ def from_plain(template: Any, plain: Any) -> Any:
 
 class ResumeError(UserError):
     """Checkpoints exist but none of them restores (or a damaged one cannot be moved aside); names the directory."""
+
+
+class BaseMismatchError(ResumeError):
+    """A LoRA checkpoint's adapters were trained on another base model than the one loaded."""
+
+
+def _saved_part(state: Any) -> tuple[Any, Any]:
+    """(what a checkpoint stores, the frozen base or None): a LoRA state's adapters and optimizer state only."""
+    params = getattr(state, "params", None)
+    trainable, frozen = split_trainable(params) if params is not None else (None, None)
+    return (state if frozen is None else state._replace(params=trainable)), frozen
+
+
+@jax.jit
+def _checksums(leaves: list) -> list:
+    return [jax.numpy.sum(jax.numpy.abs(x.astype(jax.numpy.float32))) for x in leaves]
+
+
+def base_identity(frozen: Any) -> dict:
+    """Shapes and float32 sums of |w| of every base tensor (a sharded reduction: no gathering)."""
+    leaves = jax.tree_util.tree_flatten_with_path(to_plain(frozen))[0]
+    sums = jax.device_get(_checksums([x for _, x in leaves]))
+    return {jax.tree_util.keystr(k): {"shape": list(x.shape), "sum_abs": float(v)} for (k, x), v in zip(leaves, sums)}
+
+
+def check_base(saved: dict, current: dict, where: str) -> None:
+    """Raise BaseMismatchError (one line) unless the base saved with adapters is the loaded one (sums to 1e-4)."""
+    for name in sorted(set(saved) | set(current)):
+        a, b = saved.get(name), current.get(name)
+        same = a is not None and b is not None and a["shape"] == b["shape"] and \
+            abs(a["sum_abs"] - b["sum_abs"]) <= 1e-4 * max(abs(a["sum_abs"]), abs(b["sum_abs"]), 1e-12)
+        if not same:
+            raise BaseMismatchError(
+                f"{where} holds LoRA adapters trained on another base model (base tensor {name}: saved "
+                f"{a or 'absent'}, loaded {b or 'absent'}); set model.hf_path to the base the adapters were trained on")
 
 
 def _short(error: BaseException, limit: int = 160) -> str:
@@ -107,6 +144,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True):
         self.every = every
+        self._base: dict | None = None  # the frozen base's identity (LoRA), computed once
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(directory, options=options)
@@ -118,19 +156,31 @@ class Checkpointer:
         """Start saving `state` and the iterator position at `step` (when due, or when forced)."""
         if not force and (self.every <= 0 or step % self.every):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(to_plain(state)),
-                                  data=ocp.args.JsonSave(dict(data_state)))
-        return self.manager.save(step, args=args, force=force)
+        saved, frozen = _saved_part(state)
+        items = {"state": ocp.args.StandardSave(to_plain(saved)), "data": ocp.args.JsonSave(dict(data_state))}
+        if frozen is not None:
+            self._base = self._base or base_identity(frozen)
+            items["base"] = ocp.args.JsonSave(self._base)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """(state with the template's shardings, iterator position, step) of the latest or given checkpoint."""
         step = self.latest_step() if step is None else step
+        template, frozen = _saved_part(state_template)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                to_plain(state_template))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                                to_plain(template))
+        items = {"state": ocp.args.StandardRestore(abstract), "data": ocp.args.JsonRestore()}
+        if frozen is not None:
+            items["base"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         log.info("restored checkpoint of step %d", step)
-        return from_plain(state_template, restored["state"]), dict(restored["data"]), step
+        state = from_plain(template, restored["state"])
+        if frozen is not None:  # the adapters go back on the loaded base, which must be the one they were trained on
+            self._base = self._base or base_identity(frozen)
+            check_base(dict(restored["base"] or {}), self._base, f"the checkpoint of step {step} in "
+                       f"{self.manager.directory}")
+            state = state._replace(params=join(state.params, frozen))
+        return state, dict(restored["data"]), step
 
     def restore_latest_good(self, state_template: Any) -> tuple[Any, dict, int] | None:
         """`restore` of the newest step that restores (newer, damaged ones are moved aside); None without steps.
@@ -163,6 +213,8 @@ class Checkpointer:
         """(`restore`'s result, None), or (None, a short reason) when the step does not restore here."""
         try:
             return self.restore(state_template, step), None
+        except BaseMismatchError:  # the checkpoint is sound: the run names the wrong base
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be resumed from
             _ABANDONED.drain(str(epath.Path(self.manager.directory) / str(step)))
             if jax.process_count() > 1:  # the barrier that ends Orbax's (0.12) restore, which the failure skipped

@@ -8,7 +8,7 @@ from simpo_jax.data.config import DataConfig
 from simpo_jax.errors import ConfigError, check
 from simpo_jax.generate.config import GenerateConfig
 from simpo_jax.losses import LossConfig
-from simpo_jax.models.config import ModelConfig, check_family
+from simpo_jax.models.config import LORA_TARGETS, LoraConfig, ModelConfig, check_family
 from simpo_jax.onpolicy.config import OnPolicyConfig
 from simpo_jax.optim import OptimizerConfig
 from simpo_jax.sharding import MeshConfig
@@ -69,6 +69,7 @@ def build_run_config(config: Any) -> RunConfig:
           "hf_path", "set model.hf_path, model.preset or an explicit shape (model.hidden_size, ...)")
     bad = sorted(set(model) - set(RUN_ONLY["model"]) - {f.name for f in dataclasses.fields(ModelConfig)})
     check(not bad, "model", bad[0] if bad else "", "unknown")
+    model["lora"], lora_adapter = lora_settings(model.get("lora"))
     train = _section(config, "train")
     check(int(train["batch_size"]) >= 1, "train", "batch_size", "must be >= 1")
     check(int(train["num_epochs"]) >= 1 or int(train["max_steps"]) >= 1, "train", "num_epochs",
@@ -78,6 +79,7 @@ def build_run_config(config: Any) -> RunConfig:
     run = {name: _section(config, name) for name in ("reference", "train", "checkpoint", "logging", "export", "score")}
     run["distributed"] = _section(config, "distributed") if "distributed" in config else {}
     run["data_extras"] = extras
+    run["lora_adapter"] = lora_adapter
     run["generate"] = typed(GenerateConfig, "generate", _section(config, "generate") if "generate" in config else {})
     run["train"] = {**GENERATE_DEFAULTS, **run["train"]}
     run["judge"] = _judge(config, run["train"])
@@ -86,6 +88,42 @@ def build_run_config(config: Any) -> RunConfig:
                      optimizer=typed(OptimizerConfig, "optimizer", _section(config, "optimizer")),
                      mesh=typed(MeshConfig, "mesh", _section(config, "mesh")),
                      step=typed(StepConfig, "step", _section(config, "step")), model=model, run=run)
+
+
+LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "rslora", "adapter_path")
+
+
+def lora_settings(section: Any) -> tuple[LoraConfig | None, str]:
+    """`(LoraConfig or None, adapter path)` from the `model.lora` section: rank 0 is full fine-tuning; with
+    `adapter_path` (a PEFT adapter to go on training) the adapter's own rank, alpha and targets apply, and a field
+    set here must agree with them."""
+    if not section or isinstance(section, LoraConfig):
+        return section or None, ""
+    section = dict(section)
+    unknown = sorted(set(section) - set(LORA_FIELDS))
+    check(not unknown, "model", f"lora.{unknown[0]}" if unknown else "", f"unknown (known: {', '.join(LORA_FIELDS)})")
+    adapter = section.pop("adapter_path", "") or ""
+    given = {k: v for k, v in section.items() if v is not None and not (k == "rank" and v == 0)}
+    if "targets" in given:
+        given["targets"] = tuple(t.strip() for t in given["targets"].split(",")) if isinstance(
+            given["targets"], str) else tuple(given["targets"])
+    if adapter:
+        from simpo_jax.models.peft_io import read_adapter_config
+
+        saved = read_adapter_config(adapter)
+        for name, value in given.items():
+            mine = LoraConfig(**{**saved.__dict__, name: value}) if name != "dropout" else saved
+            check(getattr(mine, name) == getattr(saved, name), "model", f"lora.{name}",
+                  f"{value!r} differs from the adapter's ({getattr(saved, name)!r} in {adapter}/adapter_config.json); "
+                  "leave it unset to continue the adapter as saved")
+        return LoraConfig(**{**saved.__dict__, "dropout": given.get("dropout", saved.dropout)}), adapter
+    if not given.get("rank"):
+        check(not given, "model", "lora.rank", f"is 0 (no adapters) but lora.{next(iter(given), '')} is set: set "
+              "lora.rank >= 1 to train LoRA adapters")
+        return None, ""
+    return LoraConfig(rank=int(given["rank"]), alpha=float(given.get("alpha", given["rank"])),
+                      dropout=float(given.get("dropout", 0.0)), targets=given.get("targets", LORA_TARGETS),
+                      rslora=bool(given.get("rslora", False))), ""
 
 
 def _judge(config: Any, train: dict) -> dict:

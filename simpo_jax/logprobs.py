@@ -82,11 +82,11 @@ def logps_from_hidden(hidden: jax.Array, kernel: jax.Array, input_ids: jax.Array
 
 def sequence_logps(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array, loss_mask: jax.Array,
                    chunk_len: int = 256, positions: jax.Array | None = None,
-                   num_segments: int = 0) -> SequenceLogps:
+                   num_segments: int = 0, dropout_key: jax.Array | None = None) -> SequenceLogps:
     """Run the decoder and reduce to per-sequence sums: right-padded rows (positions 0..L-1, one sequence per
     row), or packed rows (`attention_mask` holds segment ids, `positions` restart per segment) reduced to
-    `[num_segments]` sums by segment id."""
-    out = model(input_ids, positions, attention_mask=attention_mask, return_logits=False)
+    `[num_segments]` sums by segment id. `dropout_key`: LoRA dropout (training steps only)."""
+    out = model(input_ids, positions, attention_mask=attention_mask, return_logits=False, dropout_key=dropout_key)
     segments = attention_mask if num_segments else None
     return logps_from_hidden(out.hidden, model.lm_head_kernel(), input_ids, attention_mask, loss_mask, chunk_len,
                              model.cfg.final_logit_softcap, segments, num_segments)

@@ -8,6 +8,10 @@ forward pass (so each device's pairs stay on it). A packed batch (`data.packing`
 `2q + 1` / `2q + 2` is pair q's chosen / rejected answer (simpo_jax/data/packing.py). Gradient
 accumulation scans over micro-batches and normalizes by whole-batch counts, so its result equals the full
 batch exactly.
+
+With LoRA (`ModelConfig.lora`) the state's params hold the frozen base and the adapters; gradients, clipping
+and the optimizer state cover the adapters only, and DPO-style losses take the base with the adapters off
+as their reference (no second copy of the weights) unless a separate reference model is passed.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from simpo_jax.errors import check
 from simpo_jax.logprobs import sequence_logps
 from simpo_jax.losses import BatchStats, LossConfig, PairLogps, compute_loss, kto_kl
 from simpo_jax.models.config import ModelConfig
-from simpo_jax.models.decoder import Decoder
+from simpo_jax.models.decoder import Decoder, abstract_decoder
+from simpo_jax.models.lora import base_config, join, split_trainable
 from simpo_jax.sharding import (DEFAULT_RULES, Rules, activation_sharding, batch_sharding, data_parallel_size,
                                 state_shardings)
 
@@ -66,20 +71,22 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: dict, chunk_len: int) -> tuple[PairLogps, jax.Array]:
-    """Policy log-probs of chosen and rejected in one forward pass; also `[2]` sums of raw logits."""
+def pair_logps(graphdef: nnx.GraphDef, params: Any, batch: dict, chunk_len: int,
+               dropout_key: jax.Array | None = None) -> tuple[PairLogps, jax.Array]:
+    """Policy log-probs of chosen and rejected in one forward pass; also `[2]` sums of raw logits. `params`: the
+    model's state, or a tuple of states that together make it (adapters and base)."""
     def interleave(key):
         chosen, rejected = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
         return jnp.stack([chosen, rejected], axis=1).reshape(-1, chosen.shape[1])
 
-    model: Decoder = nnx.merge(graphdef, params)
+    model: Decoder = nnx.merge(graphdef, *(params if isinstance(params, tuple) else (params,)))
     if is_packed(batch):  # per-segment sums; segment 0 is padding
         s = sequence_logps(model, batch["input_ids"], batch["segment_ids"], batch["loss_mask"], chunk_len,
-                           batch["positions"], 2 * batch["index"].shape[0] + 1)
+                           batch["positions"], 2 * batch["index"].shape[0] + 1, dropout_key)
         s = jax.tree.map(lambda x: x[1:], s)
     else:
         s = sequence_logps(model, interleave("input_ids"), interleave("attention_mask"), interleave("loss_mask"),
-                           chunk_len)
+                           chunk_len, dropout_key=dropout_key)
     logp, tokens = s.logp_sum.reshape(-1, 2), s.tokens.reshape(-1, 2)
     logits_sums = jnp.sum(s.logits_sum.reshape(-1, 2), axis=0)
     return PairLogps(logp[:, 0], logp[:, 1], tokens[:, 0], tokens[:, 1]), logits_sums
@@ -102,14 +109,24 @@ class StepFunctions(NamedTuple):
 
 def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossConfig, step_cfg: StepConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, state_sh: TrainState,
-               global_batch: int, rules: Rules = DEFAULT_RULES) -> StepFunctions:
-    """Validate the configuration (before any compilation) and build the jitted train/eval steps."""
+               global_batch: int, rules: Rules = DEFAULT_RULES, *, separate_reference: bool | None = None,
+               seed: int = 0) -> StepFunctions:
+    """Validate the configuration (before any compilation) and build the jitted train/eval steps.
+
+    `separate_reference`: whether a DPO-style loss's reference is a params argument of the steps (default: yes
+    without LoRA, no with it: the base with the adapters off). `seed`: LoRA dropout's (folded with the step)."""
     loss_cfg.validate()
     step_cfg.validate()
     m, dp = step_cfg.micro_batches, data_parallel_size(mesh, rules)
     check(global_batch % (dp * m) == 0, "train", "batch_size",
           f"global batch {global_batch} is not divisible by data-parallel size {dp} x micro_batches {m}")
-    use_ref_model = loss_cfg.needs_reference and step_cfg.reference == "model"
+    lora = model_cfg.lora
+    model_reference = loss_cfg.needs_reference and step_cfg.reference == "model"
+    separate_reference = lora is None if separate_reference is None else separate_reference
+    use_ref_model = model_reference and separate_reference  # reference params are a step argument
+    base_reference = model_reference and not separate_reference  # the policy's own base, adapters off
+    ref_graphdef = graphdef if lora is None else abstract_decoder(base_config(model_cfg))[0]
+    dropout = lora is not None and lora.dropout > 0
     chunk, vocab = step_cfg.logprob_chunk_len, model_cfg.vocab_size
 
     def totals(batch):
@@ -132,64 +149,74 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
             return jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
         return sum(jnp.sum(batch[f"{s}_attention_mask"].astype(jnp.float32)) for s in ("chosen", "rejected"))
 
-    def reference_logps(policy, batch, ref_params):
+    def policy_params(trainable, frozen):
+        return trainable if frozen is None else (trainable, frozen)
+
+    def reference_logps(policy, batch, ref_params, frozen):
         if not loss_cfg.needs_reference:
             return None
-        if not use_ref_model:
-            return PairLogps(batch[REFERENCE_KEYS[0]].astype(jnp.float32), batch[REFERENCE_KEYS[1]].astype(
-                jnp.float32), policy.chosen_tokens, policy.rejected_tokens)
-        return pair_logps(graphdef, jax.lax.stop_gradient(ref_params), batch, chunk)[0]
+        if base_reference or use_ref_model:
+            params = frozen if base_reference else ref_params
+            return pair_logps(ref_graphdef, jax.lax.stop_gradient(params), batch, chunk)[0]
+        return PairLogps(batch[REFERENCE_KEYS[0]].astype(jnp.float32), batch[REFERENCE_KEYS[1]].astype(
+            jnp.float32), policy.chosen_tokens, policy.rejected_tokens)
 
-    def loss_fn(params, batch, ref_params, stats, tot):
-        policy, logits_sums = pair_logps(graphdef, params, batch, chunk)
-        loss, metrics = compute_loss(loss_cfg, policy, reference_logps(policy, batch, ref_params), stats)
+    def loss_fn(trainable, frozen, batch, ref_params, stats, tot, key):
+        policy, logits_sums = pair_logps(graphdef, policy_params(trainable, frozen), batch, chunk, key)
+        loss, metrics = compute_loss(loss_cfg, policy, reference_logps(policy, batch, ref_params, frozen), stats)
         metrics["logits/chosen"], metrics["logits/rejected"] = logits_sums / tot["positions"]
         metrics["tokens"] = real_tokens(batch)
         return loss, metrics
 
-    def whole_batch_stats(params, micro, ref_params, tot):
+    def whole_batch_stats(trainable, frozen, micro, ref_params, tot):
         kl = None
         if loss_cfg.name == "kto" and m > 1:  # KTO's reference point needs the whole batch's log-ratios
             def forward(_, mb):
-                policy = pair_logps(graphdef, params, mb, chunk)[0]
-                return None, (policy, reference_logps(policy, mb, ref_params))
+                policy = pair_logps(graphdef, policy_params(trainable, frozen), mb, chunk)[0]
+                return None, (policy, reference_logps(policy, mb, ref_params, frozen))
             _, (pol, ref) = jax.lax.scan(forward, None, micro)
             kl = kto_kl(*(jax.tree.map(lambda x: x.reshape(-1), t) for t in (pol, ref)), loss_cfg)
         return BatchStats(tot["pairs"], tot["chosen_tokens"], kl)
 
-    def accumulate(fn, params, batch, ref_params):
-        """Sum `fn(micro-batch)` over micro-batches (a scan), with whole-batch normalizers."""
+    def accumulate(fn, trainable, frozen, batch, ref_params, key=None):
+        """Sum `fn(micro-batch)` over micro-batches (a scan), with whole-batch normalizers; each micro-batch
+        gets its own dropout key."""
         tot, micro = totals(batch), split_micro_batches(batch, m)
-        stats = whole_batch_stats(params, micro, ref_params, tot)
+        stats = whole_batch_stats(trainable, frozen, micro, ref_params, tot)
         if m == 1:
-            return fn(params, batch, ref_params, stats, tot)
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, params, first, ref_params, stats, tot))
-        body = lambda acc, mb: (jax.tree.map(jnp.add, acc, fn(params, mb, ref_params, stats, tot)), None)  # noqa
-        return jax.lax.scan(body, zeros, micro)[0]
+            return fn(trainable, frozen, batch, ref_params, stats, tot, key)
+        keys = None if key is None else jax.random.split(key, m)
+        first = jax.tree.map(lambda x: x[0], (micro, keys))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda mb, k: fn(trainable, frozen, mb, ref_params, stats, tot, k), *first))
+        body = lambda acc, xs: (jax.tree.map(jnp.add, acc, fn(trainable, frozen, xs[0], ref_params, stats, tot,  # noqa
+                                                              xs[1])), None)
+        return jax.lax.scan(body, zeros, (micro, keys))[0]
 
     def train_step(state: TrainState, batch: dict, ref_params: Any = None):
+        trainable, frozen = split_trainable(state.params)
+        key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
         with activation_sharding(mesh, rules):
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (_, metrics), grads = accumulate(grad_fn, state.params, batch, ref_params)
-        grads = jax.lax.with_sharding_constraint(grads, param_sh)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+            (_, metrics), grads = accumulate(grad_fn, trainable, frozen, batch, ref_params, key)
+        grads = jax.lax.with_sharding_constraint(grads, split_trainable(param_sh)[0])
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        params = join(optax.apply_updates(trainable, updates), frozen)
         metrics |= {"grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def eval_step(params: Any, batch: dict, ref_params: Any = None):
         with activation_sharding(mesh, rules):
-            return accumulate(loss_fn, params, batch, ref_params)[1]
+            return accumulate(loss_fn, *split_trainable(params), batch, ref_params)[1]
 
-    param_sh, batch_sh = _plain(state_sh.params), batch_sharding(mesh, rules)
+    param_sh, batch_sh = state_sh.params, batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    ref_sh = (param_sh,) if use_ref_model else ()
+    ref_sh = (_plain(split_trainable(param_sh)[1] or param_sh),) if use_ref_model else ()
     train = jax.jit(train_step, in_shardings=(_plain(state_sh), batch_sh, *ref_sh),
                     out_shardings=(_plain(state_sh), replicated), donate_argnums=(0,))
-    evaluate = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, *ref_sh), out_shardings=replicated)
-    return StepFunctions(_checked(train, loss_cfg, step_cfg, use_ref_model, global_batch),
-                         _checked(evaluate, loss_cfg, step_cfg, use_ref_model, None), state_sh, batch_sh)
+    evaluate = jax.jit(eval_step, in_shardings=(_plain(param_sh), batch_sh, *ref_sh), out_shardings=replicated)
+    return StepFunctions(_checked(train, loss_cfg, step_cfg, use_ref_model, global_batch, model_reference),
+                         _checked(evaluate, loss_cfg, step_cfg, use_ref_model, None, model_reference), state_sh, batch_sh)
 
 
 def _plain(tree: Any) -> Any:
@@ -199,9 +226,9 @@ def _plain(tree: Any) -> Any:
 
 
 def _checked(fn: Callable, loss_cfg: LossConfig, step_cfg: StepConfig, use_ref_model: bool,
-             global_batch: int | None) -> Callable:
+             global_batch: int | None, model_reference: bool) -> Callable:
     """Check a batch's keys and size (and the reference params) before calling the compiled step."""
-    refs = REFERENCE_KEYS if loss_cfg.needs_reference and not use_ref_model else ()
+    refs = REFERENCE_KEYS if loss_cfg.needs_reference and not model_reference else ()
 
     def call(state_or_params, batch, ref_params=None):
         packed = is_packed(batch)
@@ -249,12 +276,22 @@ def random_params(cfg: ModelConfig, mesh: Mesh, seed: int = 0,
     return graphdef, init(jnp.asarray(seed, jnp.uint32))
 
 
+def attach_adapters(cfg: ModelConfig, base_params: Any, mesh: Mesh, seed: int = 0,
+                    rules: Rules = DEFAULT_RULES) -> tuple[nnx.GraphDef, Any]:
+    """`(graphdef, params)` of the LoRA model `cfg` on top of loaded base params: the adapters are created in their
+    sharded layout, as `random_params(cfg, mesh, seed)` would create them (B = 0: the model is its base)."""
+    graphdef, init = _sharded_init(cfg, mesh, tuple(rules), nnx.LoRAParam)
+    return graphdef, nnx.merge_state(init(jnp.asarray(seed, jnp.uint32)), base_params)
+
+
 @functools.lru_cache(maxsize=16)
-def _sharded_init(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> tuple[nnx.GraphDef, Callable]:
-    """The graphdef and a compiled `seed -> params` initializer (cached: compiling it takes seconds on CPU)."""
+def _sharded_init(cfg: ModelConfig, mesh: Mesh, rules: Rules,
+                  part: Any = nnx.Param) -> tuple[nnx.GraphDef, Callable]:
+    """The graphdef and a compiled `seed -> params` initializer of the `part` of the params (a filter: all of them,
+    or the adapters); cached, as compiling it takes seconds on CPU."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0))))
-    shardings = _plain(state_shardings(abstract, mesh, rules))
-    init = jax.jit(lambda seed: nnx.state(Decoder(cfg, nnx.Rngs(params=jax.random.key(seed)))),
+    shardings = _plain(state_shardings(nnx.filter_state(abstract, part), mesh, rules))
+    init = jax.jit(lambda seed: nnx.state(Decoder(cfg, nnx.Rngs(params=jax.random.key(seed))), part),
                    out_shardings=shardings)
     return graphdef, init
 
@@ -262,15 +299,16 @@ def _sharded_init(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> tuple[nnx.Graph
 def train_state_shardings(params: Any, tx: optax.GradientTransformation, mesh: Mesh,
                           rules: Rules = DEFAULT_RULES) -> TrainState:
     """Shardings of the train state for `params` (arrays or abstract): the step counter replicated, params and
-    optimizer state by their logical axes."""
+    optimizer state (of the trainable params: the adapters with LoRA) by their logical axes."""
+    opt_state = jax.eval_shape(tx.init, split_trainable(params)[0])
     return TrainState(NamedSharding(mesh, PartitionSpec()), state_shardings(params, mesh, rules),
-                      state_shardings(jax.eval_shape(tx.init, params), mesh, rules))
+                      state_shardings(opt_state, mesh, rules))
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation, mesh: Mesh,
                      rules: Rules = DEFAULT_RULES) -> tuple[TrainState, TrainState]:
     """Wrap sharded params with a sharded optimizer state; returns (state, its shardings)."""
     state_sh = train_state_shardings(params, tx, mesh, rules)
-    init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+    init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(split_trainable(p)[0])),
                    in_shardings=(_plain(state_sh.params),), out_shardings=_plain(state_sh), donate_argnums=(0,))
     return init(params), state_sh

@@ -98,17 +98,23 @@ def run(config: Any) -> dict[str, float]:
     total = int(train_cfg["max_steps"]) or int(train_cfg["num_epochs"]) * batches.batches_per_epoch
 
     graphdef, params, model_cfg = build_model(rc, mesh, tokenizer, seed=int(train_cfg["seed"]))
+    # DPO-style losses: a reference model (reference.hf_path, else a frozen copy of the initial policy); with LoRA
+    # and no reference.hf_path, the base with the adapters off (no copy).
+    separate_reference = model_cfg.lora is None or bool(rc.run["reference"].get("hf_path"))
     ref = ()
-    if rc.loss.needs_reference and rc.step.reference == "model":
+    if rc.loss.needs_reference and rc.step.reference == "model" and separate_reference:
         ref_params = load_reference(rc, mesh, model_cfg)
         ref = (ref_params if ref_params is not None else copy_params(params),)
     tx, schedule = make_optimizer(rc.optimizer, total)
     state, state_sh = init_train_state(params, tx, mesh)
-    steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch_size)
+    step_options = dict(separate_reference=separate_reference, seed=int(train_cfg["seed"]))
+    steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch_size,
+                       **step_options)
     eval_batch = int(train_cfg["eval_batch_size"]) or batch_size
     if eval_data is not None:
         eval_batch = min(eval_batch, len(eval_data))
-        eval_steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, eval_batch)
+        eval_steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, eval_batch,
+                                **step_options)
 
     checkpoint_dir = ckpt_cfg["directory"] or os.path.join(os.path.abspath(out), "checkpoints")
     checkpoints = Checkpointer(checkpoint_dir, int(ckpt_cfg["every"]), int(ckpt_cfg["keep"]),
@@ -193,10 +199,18 @@ def run(config: Any) -> dict[str, float]:
     logger.close()
     export = rc.run["export"]
     if export["enabled"]:
-        path = export_hf(nnx.merge(graphdef, state.params), os.path.join(out, "hf"), dtype=export["dtype"],
+        model = nnx.merge(graphdef, state.params)
+        path = export_hf(model, os.path.join(out, "hf"), dtype=export["dtype"],
                          tokenizer_dir=tokenizer_dir(rc), max_shard_bytes=int(export["max_shard_bytes"]))
         if main:
-            print(f"exported a Hugging Face checkpoint to {path}", flush=True)
+            print(f"exported a Hugging Face checkpoint to {path}" + (" (LoRA merged)" if model_cfg.lora else ""),
+                  flush=True)
+        if model_cfg.lora is not None:
+            from simpo_jax.models.peft_io import export_peft_adapter
+
+            path = export_peft_adapter(model, os.path.join(out, "adapter"), rc.model.get("hf_path") or "")
+            if main:
+                print(f"exported the PEFT adapter to {path}", flush=True)
     if main:
         _write_summary(out, total, final)
         if final:

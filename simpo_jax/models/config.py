@@ -17,6 +17,43 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
 ATTENTION_IMPLS = ("xla", "jax", "splash")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (PEFT's LoRA): `W x + scale * B(A(dropout(x)))` on each target projection, with
+    `scale = alpha / rank` (`alpha / sqrt(rank)` with rsLoRA). Only the adapters are trained (in float32); the
+    base stays in `param_dtype`. `targets`: transformers' module names (PEFT's `target_modules`)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    rslora: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", normalize_targets(self.targets))
+        _check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank",
+               f"must be an integer >= 1, got {self.rank!r}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(bool(self.targets) and not bad, "lora.targets",
+               f"{bad[0] if bad else 'none'!r}: not a projection (choose from {', '.join(LORA_TARGETS)})")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+def normalize_targets(targets: Any) -> tuple[str, ...]:
+    """Target module names in layer order: full names, short ones (`q`, `gate`) or `all-linear`."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    if names in (["all-linear"], ["all"]):
+        return LORA_TARGETS
+    full = {t if t.endswith("_proj") else f"{t}_proj" for t in names}
+    return tuple([t for t in LORA_TARGETS if t in full] + sorted(full - set(LORA_TARGETS)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +106,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    lora: LoraConfig | None = None  # low-rank adapters on the layers' projections (None: full fine-tuning)
 
     def __post_init__(self):
         if self.head_dim is None:

@@ -10,6 +10,7 @@ from flax import nnx
 
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.layers import TOKENS_EMBED, DecoderLayer, RMSNorm, make_param, remat_policy, softcap
+from simpo_jax.models.lora import add_adapters
 from simpo_jax.models.rope import inverse_frequencies, rope_tables
 from simpo_jax.sharding import constrain
 
@@ -107,11 +108,14 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+        if cfg.lora is not None:  # drawn after every base parameter: the base is the adapter-free model's
+            add_adapters(self, rngs.params())
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, *, return_logits: bool = True) -> DecoderOutput:
+                 attention_mask: jax.Array | None = None, *, return_logits: bool = True,
+                 dropout_key: jax.Array | None = None) -> DecoderOutput:
         """`input_ids`, `positions`, `attention_mask` are `[batch, len]`; mask 1 = token, 0 = padding (or segment
-        ids in packed rows, with `positions` restarting in each segment)."""
+        ids in packed rows, with `positions` restarting in each segment). `dropout_key`: LoRA dropout (training)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         batch, length = input_ids.shape
         if positions is None:
@@ -120,25 +124,28 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones((batch, length), jnp.int32)
         masks = layer_masks(attention_mask, cfg)
         cos, sin = rope_tables(positions.reshape(-1), inverse_frequencies(cfg), dt)
-        x = self._run_layers(embed(self, input_ids), cos, sin, masks, attention_mask.astype(jnp.int32))
+        keys = None
+        if dropout_key is not None and cfg.lora is not None and cfg.lora.dropout > 0:
+            keys = jax.random.split(dropout_key, cfg.num_layers)
+        x = self._run_layers(embed(self, input_ids), cos, sin, masks, attention_mask.astype(jnp.int32), keys)
         hidden = self.norm(x).reshape(batch, length, cfg.hidden_size)
         hidden = constrain(hidden, ("activation_batch", None, "activation_embed"))
         return DecoderOutput(self.logits(hidden) if return_logits else None, hidden)
 
     def _run_layers(self, x: jax.Array, cos: jax.Array, sin: jax.Array, masks: dict[int | None, jax.Array],
-                    segments: jax.Array) -> jax.Array:
+                    segments: jax.Array, keys: jax.Array | None = None) -> jax.Array:
         policy = remat_policy(self.cfg.remat_policy)
 
-        def step(layer, h, window, _):
+        def step(layer, h, window, key):
             graphdef, state = nnx.split(layer)
 
-            def apply(state, h):
-                return nnx.merge(graphdef, state)(h, cos, sin, masks[window], window, segments)
+            def apply(state, h, key):
+                return nnx.merge(graphdef, state)(h, cos, sin, masks[window], window, segments, key)
             if policy is not None:
                 apply = jax.checkpoint(apply, policy=policy, prevent_cse=not self.cfg.scan_layers)
-            return apply(state, h)
+            return apply(state, h, key)
 
-        return scan_layers(self.cfg, self.layers, x, step)
+        return scan_layers(self.cfg, self.layers, x, step, keys)
 
     def lm_head_kernel(self) -> jax.Array:
         """The `[embed, vocab]` output projection (the transposed embedding when tied), in compute dtype."""

@@ -2,7 +2,8 @@
 
 Tensors are gathered one layer at a time (never a whole stacked parameter) and streamed into
 safetensors shards of at most `max_shard_bytes`, with `model.safetensors.index.json` when there are
-several. On multi-host runs every process takes part in the gathers and only process 0 writes.
+several. On multi-host runs every process takes part in the gathers and only process 0 writes. A model with
+LoRA adapters is exported merged (`W + scale * A @ B`), as its base architecture.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from flax import nnx
 
 from simpo_jax.models.config import DTYPES, to_hf_dict
 from simpo_jax.models.decoder import Decoder
+from simpo_jax.models.lora import delta, split_trainable
 from simpo_jax.models.safetensors_io import INDEX_FILE, SINGLE_FILE, write_file
-from simpo_jax.models.weight_map import iter_params
+from simpo_jax.models.weight_map import _key, iter_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -34,15 +36,28 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def _tensor_plan(model: Decoder) -> list[tuple[str, tuple[int, ...], Any]]:
-    """(HF name, HF shape, producer) for every tensor, in model order."""
+    """(HF name, HF shape, producer) for every tensor, in model order. With LoRA adapters, a projection's tensor is
+    the merged `W + scale * A @ B` (one layer at a time, in float32 on the host)."""
     cfg = model.cfg
+    adapters, base = split_trainable(nnx.state(model))
+    if base is None:
+        adapters, base = {}, adapters
+    else:
+        adapters = {tuple(_key(k) for k in path): var for path, var in jax.tree_util.tree_flatten_with_path(
+            adapters, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
     plan = []
-    for entry, var in iter_params(cfg, nnx.state(model)):
+    for entry, var in iter_params(cfg, base):
         shape = entry.layout.hf_shape(entry.layer_shape(var.shape))
+        pair = tuple(adapters.get(entry.path[:-1] + (f"{entry.path[-1]}_lora_{f}",)) for f in "ab")
         for layer, name in enumerate(entry.hf_names):
-            def produce(var=var, layer=layer, entry=entry):
-                value = var.get_value()
-                return entry.layout.to_hf(_to_host(value[layer] if entry.stacked else value))
+            def produce(var=var, layer=layer, entry=entry, pair=pair):
+                def host(v):
+                    value = v.get_value()
+                    return _to_host(value[layer] if entry.stacked else value)
+                if pair[0] is None:
+                    return entry.layout.to_hf(host(var))
+                a, b = (host(v).astype(np.float32) for v in pair)
+                return entry.layout.to_hf(host(var).astype(np.float32) + delta(a, b, cfg.lora.scale))
             plan.append((name, shape, produce))
     return plan
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from simpo_jax.models.config import ModelConfig
+from simpo_jax.models.lora import adapter_term
 from simpo_jax.models.rope import apply_rope
 from simpo_jax.models.splash import splash_attention
 from simpo_jax.sharding import active_platform, constrain
@@ -81,11 +82,14 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(cfg, h)
             self.k_norm = RMSNorm(cfg, h)
 
-    def project(self, x: jax.Array, name: str) -> jax.Array:
-        """`x [tokens, embed]` -> `[tokens, heads, head_dim]` for name q, k or v (bias and q/k norm included;
-        RoPE not yet applied)."""
+    def project(self, x: jax.Array, name: str, key: jax.Array | None = None) -> jax.Array:
+        """`x [tokens, embed]` -> `[tokens, heads, head_dim]` for name q, k or v (bias, LoRA adapter and q/k norm
+        included; RoPE not yet applied). `key`: the LoRA dropout's."""
         dt = self.cfg.compute_dtype
         out = jnp.einsum("td,dnh->tnh", x, getattr(self, f"{name}_proj")[...].astype(dt))
+        lora = adapter_term(self, f"{name}_proj", x, dt, key)
+        if lora is not None:
+            out = out + lora
         if self.cfg.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(dt)
         out = checkpoint_name(constrain(out, TOKENS_HEADS), _QKV["qkv".index(name)])
@@ -93,19 +97,23 @@ class Attention(nnx.Module):
             out = getattr(self, f"{name}_norm")(out)
         return out
 
-    def output(self, out: jax.Array) -> jax.Array:
-        """Attention output `[tokens, heads, head_dim]` -> `[tokens, embed]`."""
-        return checkpoint_name(jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(self.cfg.compute_dtype)),
-                               "out_proj")
+    def output(self, out: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Attention output `[tokens, heads, head_dim]` -> `[tokens, embed]` (with o_proj's LoRA adapter)."""
+        dt = self.cfg.compute_dtype
+        result = jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(dt))
+        lora = adapter_term(self, "o_proj", out, dt, key)
+        return checkpoint_name(result if lora is None else result + lora, "out_proj")
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 window: int | None = None, segments: jax.Array | None = None) -> jax.Array:
+                 window: int | None = None, segments: jax.Array | None = None,
+                 key: jax.Array | None = None) -> jax.Array:
         """`x [tokens, embed]`, rope tables `[tokens, head_dim]`, `mask [batch, q_len, kv_len]` (True = attend;
         already windowed when `window`, which the splash kernel needs statically); `segments [batch, len]`
-        (0 = padding, else a segment id; the mask's diagonal when None) is what the splash kernel reads."""
+        (0 = padding, else a segment id; the mask's diagonal when None) is what the splash kernel reads;
+        `key`: the LoRA dropout's (None: no dropout)."""
         cfg = self.cfg
         batch, length = mask.shape[0], mask.shape[1]
-        q, k, v = (self.project(x, name) for name in "qkv")
+        q, k, v = (self.project(x, name, key) for name in "qkv")
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         q = q.reshape(batch, length, kv, groups, h)
@@ -124,7 +132,7 @@ class Attention(nnx.Module):
         else:
             probs = jax.nn.softmax(_scores(q, k, mask, scale, cap)[0], axis=-1).astype(cfg.compute_dtype)
             out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
-        return self.output(out.reshape(batch * length, cfg.num_heads, h))
+        return self.output(out.reshape(batch * length, cfg.num_heads, h), key)
 
 
 def attention_platform() -> str:
@@ -225,13 +233,19 @@ class MLP(nnx.Module):
         self.up_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.down_proj = make_param(rngs, (f, d), ("mlp", "embed"), cfg)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.cfg.compute_dtype
-        gate = checkpoint_name(x @ self.gate_proj[...].astype(dt), "mlpwi_0")
-        up = checkpoint_name(x @ self.up_proj[...].astype(dt), "mlpwi_1")
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        gate = checkpoint_name(self._linear("gate_proj", x, key), "mlpwi_0")
+        up = checkpoint_name(self._linear("up_proj", x, key), "mlpwi_1")
         act = jax.nn.silu(gate) if self.cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
         hidden = constrain(act * up, ("activation_tokens", "activation_mlp"))
-        return checkpoint_name(hidden @ self.down_proj[...].astype(dt), "mlpwo")
+        return checkpoint_name(self._linear("down_proj", hidden, key), "mlpwo")
+
+    def _linear(self, name: str, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        """`x @ W` for projection `name`, plus its LoRA adapter's term."""
+        dt = self.cfg.compute_dtype
+        out = x @ getattr(self, name)[...].astype(dt)
+        lora = adapter_term(self, name, x, dt, key)
+        return out if lora is None else out + lora
 
 
 class DecoderLayer(nnx.Module):
@@ -250,9 +264,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 window: int | None = None, segments: jax.Array | None = None) -> jax.Array:
-        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, segments)
-        return self.feed_forward(self.add_attention(x, attn_out))
+                 window: int | None = None, segments: jax.Array | None = None,
+                 key: jax.Array | None = None) -> jax.Array:
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, segments, key)
+        return self.feed_forward(self.add_attention(x, attn_out), key)
 
     def add_attention(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
         """The residual stream after the attention block."""
@@ -260,12 +275,12 @@ class DecoderLayer(nnx.Module):
             attn_out = self.post_attention_layernorm(attn_out)
         return constrain(x + attn_out, TOKENS_EMBED)
 
-    def feed_forward(self, x: jax.Array) -> jax.Array:
+    def feed_forward(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """The MLP block with its norms and residual."""
         if self.sandwich:
-            return constrain(x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))),
+            return constrain(x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), key)),
                              TOKENS_EMBED)
-        return constrain(x + self.mlp(self.post_attention_layernorm(x)), TOKENS_EMBED)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x), key), TOKENS_EMBED)
 
 
 _QKV = ("query_proj", "key_proj", "value_proj")
