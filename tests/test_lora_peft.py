@@ -3,6 +3,7 @@ the adapters, PEFT adapter files both ways (export, import; stacked and per-laye
 Qwen2 base), the merged Hugging Face export, and one-line errors for adapter directories we cannot reproduce."""
 import json
 import os
+import sys
 import warnings
 
 import jax
@@ -327,3 +328,25 @@ def test_adapter_weights_errors_are_one_line(all_targets, tmp_path, damage, erro
     with pytest.raises(error) as e:
         load_peft_adapter(directory, cfg, params)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_commands_load_base_and_adapter_from_the_config(base, mesh, all_targets):
+    """`model.hf_path` + `model.lora.adapter_path` through the config, as train, score and generate build the model."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import base as base_config
+
+    from simpo_jax.config import build_run_config
+    from simpo_jax.generate.cli import load_model, model_source
+
+    out, reference = all_targets[:2]
+    config = base_config.get_config()
+    config.model.hf_path, config.model.lora.adapter_path, config.data.path = base(), str(out), "unused"
+    config.model.dtype = config.model.param_dtype = "float32"
+    rc = build_run_config(config)
+    assert rc.model["lora"] == read_adapter_config(str(out))
+    model = load_model(rc, mesh, None, model_source(rc))
+    logits = np.asarray(model(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK)).logits)
+    assert _max_diff(logits, torch_logits(reference, IDS, MASK)) <= TOL
+    config.model.lora.rank = 8  # the adapter's is 4
+    with pytest.raises(ConfigError, match="'lora.rank': 8 differs from the adapter's"):
+        build_run_config(config)

@@ -70,7 +70,8 @@ def load_tokenizer_for(rc: RunConfig, source: str) -> Any:
 def load_model(rc: RunConfig, mesh: Any, tokenizer: Any, source: str) -> Decoder:
     """The decoder on the mesh: an HF directory, or the params of the latest Orbax checkpoint of a run."""
     runtime = {k: v for k, v in rc.model.items() if k in MODEL_RUNTIME and v is not None}
-    if source and _is_hf(source):
+    adapter = bool(rc.run.get("lora_adapter")) and source == rc.model.get("hf_path")  # base + a PEFT adapter
+    if source and _is_hf(source) and not adapter:
         return load_hf(source, mesh=mesh, **runtime)
     seed = int(rc.run["train"]["seed"])
     graphdef, params, _ = build_model(rc, mesh, tokenizer, seed=seed)
