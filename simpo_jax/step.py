@@ -216,7 +216,8 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
                     out_shardings=(_plain(state_sh), replicated), donate_argnums=(0,))
     evaluate = jax.jit(eval_step, in_shardings=(_plain(param_sh), batch_sh, *ref_sh), out_shardings=replicated)
     return StepFunctions(_checked(train, loss_cfg, step_cfg, use_ref_model, global_batch, model_reference),
-                         _checked(evaluate, loss_cfg, step_cfg, use_ref_model, None, model_reference), state_sh, batch_sh)
+                         _checked(evaluate, loss_cfg, step_cfg, use_ref_model, None, model_reference),
+                         state_sh, batch_sh)
 
 
 def _plain(tree: Any) -> Any:

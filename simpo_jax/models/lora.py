@@ -47,7 +47,7 @@ def _add_to_layer(layer: Any, lora: LoraConfig, key: jax.Array, stacked: bool) -
 
 def _adapter_pair(base: nnx.Param, n_in: int, rank: int, key: jax.Array,
                   stacked: bool) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
-    """A `[*lead, *in, rank]` ~ U(+-1/sqrt(fan_in)) (PEFT's kaiming_uniform(a=sqrt(5))) and B = 0 `[*lead, rank, *out]`."""
+    """A `[*lead, *in, rank]` ~ U(+-1/sqrt(fan_in)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0 `[*lead, rank, *out]`."""
     lead = 1 if stacked else 0
     shape, axes = tuple(base.shape), tuple(base.get_metadata()["logical_axes"])
     split = lead + n_in
