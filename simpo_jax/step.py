@@ -189,8 +189,9 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
         first = jax.tree.map(lambda x: x[0], (micro, keys))
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
             lambda mb, k: fn(trainable, frozen, mb, ref_params, stats, tot, k), *first))
-        body = lambda acc, xs: (jax.tree.map(jnp.add, acc, fn(trainable, frozen, xs[0], ref_params, stats, tot,  # noqa
-                                                              xs[1])), None)
+
+        def body(acc, xs):
+            return jax.tree.map(jnp.add, acc, fn(trainable, frozen, xs[0], ref_params, stats, tot, xs[1])), None
         return jax.lax.scan(body, zeros, (micro, keys))[0]
 
     def train_step(state: TrainState, batch: dict, ref_params: Any = None):
