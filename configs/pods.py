@@ -37,6 +37,22 @@ PRESETS["gemma2-27b"] = {
     "v6e-64": dict(fsdp=64, tensor=1, remat_policy="full", micro_batches=2),
 }
 
+# LoRA (configs/*_lora.py): the base frozen in bfloat16, float32 adapters with AdamW state for them alone. The
+# same SimPO batch on far fewer chips: no fp32 weights, moments or weight gradients of the base.
+PRESETS["llama3-70b-lora"] = {
+    "v5p-16": dict(fsdp=8, tensor=1, remat_policy="full", micro_batches=2),
+    "v6e-16": dict(fsdp=16, tensor=1, remat_policy="full", micro_batches=4),
+    "v5p-8": dict(fsdp=4, tensor=1, remat_policy="full", micro_batches=8),
+    # A tight fit: one pair per chip per micro-batch already (the bf16 base alone is 16.4 GiB a chip).
+    "v6e-8": dict(fsdp=8, tensor=1, remat_policy="full", micro_batches=16),
+}
+PRESETS["llama3-8b-lora"] = {  # one host
+    "v5litepod-4": dict(fsdp=4, tensor=1, remat_policy="full", micro_batches=8),
+    "v5litepod-8": dict(fsdp=8, tensor=1, remat_policy="full", micro_batches=4),
+    "v6e-4": dict(fsdp=4, tensor=1, remat_policy="full", micro_batches=4),
+    "v6e-8": dict(fsdp=8, tensor=1, remat_policy="full", micro_batches=2),
+}
+
 
 def apply(c: ConfigDict, family: str, slice_name: str) -> ConfigDict:
     """Set `c`'s mesh (and mesh.slice), remat policy and micro-batches for `slice_name`; "" leaves `c` as is."""

@@ -3,6 +3,10 @@
 Compiles the real train step for a TPU topology on this host (libtpu, no TPU, no weights: the train state
 and batch are abstract, sharded as in training) and prints per-chip memory against the chip's HBM, the
 analytic model FLOPs per step and a verdict. Exits 1 when the step does not fit, 2 on a bad config.
+
+With LoRA (`model.lora.rank`) the train state holds the frozen base (in `model.param_dtype`) and the adapters,
+with optimizer state for the adapters only; a DPO-style loss's reference is the base with the adapters off, so
+no second copy of the weights is an argument.
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from simpo_jax.build import reference_options
 from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config, model_config
 from simpo_jax.data.packing import max_rows
 from simpo_jax.errors import ConfigError
-from simpo_jax.flops import train_step_flops
+from simpo_jax.flops import formula, lora_params, train_step_flops
 from simpo_jax.models.config import ModelConfig
 from simpo_jax.models.decoder import abstract_decoder
+from simpo_jax.models.lora import split_trainable
 from simpo_jax.optim import make_optimizer
 from simpo_jax.sharding import data_parallel_size
 from simpo_jax.step import BATCH_KEYS, PACKED_BATCH_KEYS, REFERENCE_KEYS, TrainState, make_steps, train_state_shardings
@@ -85,11 +91,14 @@ class FitReport:
     def render(self) -> str:
         g, gib, share = self.slice.generation, lambda b: f"{b / GiB:8.2f} GiB", self.share
         ideal = self.model_flops / (self.slice.chips * g.peak_bf16_flops)
+        lora = self.model.lora
+        adapters = (f", LoRA rank {lora.rank} (alpha {lora.alpha:g}, {len(lora.targets)} projections): "
+                    f"{lora_params(self.model) / 1e6:.1f}M trainable params" if lora else "")
         lines = [
             f"slice        {self.slice.describe()}",
             f"mesh         {' x '.join(f'{k}={v}' for k, v in self.mesh_shape.items())}",
             f"model        {self.model.num_params() / 1e9:.2f}B params, {self.model.num_layers} layers, "
-            f"dtype {self.model.dtype}, params {self.model.param_dtype}, remat {self.model.remat_policy}",
+            f"dtype {self.model.dtype}, params {self.model.param_dtype}, remat {self.model.remat_policy}{adapters}",
             (f"batch        {self.batch_pairs} pairs packed into {self.packed_rows} rows x {self.seq_len} tokens "
              f"({self.packed_rows * self.seq_len:,} positions), {self.micro_batches} micro-batch(es)"
              if self.packed_rows else
@@ -101,7 +110,7 @@ class FitReport:
             f"  temps      {gib(self.temp_bytes)}",
             f"  program    {gib(self.code_bytes)}",
             f"  total      {gib(self.total_bytes)}   of {g.hbm_bytes / GiB:.0f} GiB HBM ({share:.0%})",
-            f"model FLOPs  {self.model_flops:.3e} per step (6·N·T + attention); at {g.peak_bf16_flops / 1e12:.0f} "
+            f"model FLOPs  {self.model_flops:.3e} per step ({formula(self.model)}); at {g.peak_bf16_flops / 1e12:.0f} "
             f"TFLOP/s bf16 per chip: {ideal:.2f} s per step at 100% MFU, {ideal / 0.5:.2f} s at 50%",
             f"compiled in  {self.compile_seconds:.0f} s",
             "verdict      " + (f"FITS ({share:.0%} of HBM)" + (TIGHT if share > TIGHT_SHARE else "") if self.fits else
@@ -114,13 +123,14 @@ class FitReport:
 
 
 def aot_model_config(rc: RunConfig) -> ModelConfig:
-    """The model's shape without loading weights: `model.preset` / explicit shape, else the HF config.json."""
+    """The model's shape without loading weights: `model.preset` / explicit shape, else the HF config.json (with
+    the section's runtime options and LoRA adapters)."""
     if rc.model.get("preset") or rc.model.get("hidden_size") is not None:
         return model_config(rc.model)
     from simpo_jax.models.hf_import import read_hf_config
 
     runtime = {k: v for k, v in rc.model.items() if k in MODEL_RUNTIME and v is not None}
-    return read_hf_config(rc.model["hf_path"], **runtime)
+    return read_hf_config(rc.model["hf_path"], **runtime).replace(lora=rc.model.get("lora"))
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -139,12 +149,13 @@ def check_fit(config: Any, tpu: Slice, devices: list | None = None, packed_rows:
     batch = int(rc.run["train"]["batch_size"])
     seq = int(rc.data.max_length)
     tx, schedule = make_optimizer(rc.optimizer, 1000)
-    graphdef, params = abstract_decoder(cfg)
+    graphdef, params = abstract_decoder(cfg)  # with LoRA: the base and the adapters
     state_sh = train_state_shardings(params, tx, mesh)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=state_sh.step),
-                       _abstract(params, state_sh.params),
-                       _abstract(jax.eval_shape(tx.init, params), state_sh.opt_state))
-    steps = make_steps(graphdef, cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch)
+                       _abstract(params, state_sh.params),  # the optimizer's state: of the adapters only with LoRA
+                       _abstract(jax.eval_shape(tx.init, split_trainable(params)[0]), state_sh.opt_state))
+    reference = reference_options(rc, cfg)  # as in training (simpo_jax/build.py)
+    steps = make_steps(graphdef, cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch, **reference)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=steps.batch_sharding)
     args: list[Any] = [state, {k: ids for k in BATCH_KEYS}]
     rows = 0
@@ -163,7 +174,11 @@ def check_fit(config: Any, tpu: Slice, devices: list | None = None, packed_rows:
     ref_forwards = 0
     if rc.loss.needs_reference:
         if rc.step.reference == "model":
-            args.append(params)
+            trainable, frozen = split_trainable(params)
+            if reference["reference_adapters"]:
+                args.append(trainable)
+            elif reference["separate_reference"]:  # a LoRA run's separate reference is a plain model: the base's shapes
+                args.append(frozen or params)
             ref_forwards = 1
         else:
             col = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=steps.batch_sharding)

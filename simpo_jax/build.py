@@ -107,3 +107,13 @@ def load_reference(rc: RunConfig, mesh: Mesh, cfg: ModelConfig) -> Any | None:
     check(ref_cfg.vocab_size == cfg.vocab_size, "reference", "hf_path", "vocabulary differs from the policy's")
     runtime = {k: getattr(cfg, k) for k in MODEL_RUNTIME}
     return nnx.split(load_hf(path, mesh=mesh, **runtime))[1]
+
+
+def reference_options(rc: RunConfig, cfg: ModelConfig) -> dict[str, bool]:
+    """`make_steps`' reference options for this run (DPO-style losses): a reference model's params as a step
+    argument (reference.hf_path, else a copy of the initial policy); with LoRA and no reference.hf_path, the
+    initial policy without a copy of the base: the base with the adapters off, or with a copy of the adapters
+    loaded from model.lora.adapter_path (an argument of the adapters' shapes)."""
+    explicit = bool(rc.run["reference"].get("hf_path"))
+    return dict(separate_reference=cfg.lora is None or explicit,
+                reference_adapters=cfg.lora is not None and not explicit and bool(rc.run.get("lora_adapter")))

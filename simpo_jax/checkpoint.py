@@ -3,11 +3,13 @@
 Arrays are saved as the global sharded arrays they are; restoring takes the shardings of the state it
 restores into, so a run can resume on a different mesh than the one that saved. A step whose files are
 damaged (truncated, partly copied, missing) is warned about and moved aside; the run resumes from the newest
-checkpoint that restores. A LoRA run saves the adapters and their optimizer state only, with the frozen
-base's identity (its shapes and per-tensor checksums): resuming on another base is refused.
+checkpoint that restores. A LoRA run saves the adapters and their optimizer state only, with their shapes and the frozen
+base's identity (its shapes and per-layer checksums): resuming on another base, other adapters, or across a
+switch between LoRA and full fine-tuning is refused with one line.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import sys
@@ -15,6 +17,8 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -43,8 +47,8 @@ class ResumeError(UserError):
     """Checkpoints exist but none of them restores (or a damaged one cannot be moved aside); names the directory."""
 
 
-class BaseMismatchError(ResumeError):
-    """A LoRA checkpoint's adapters were trained on another base model than the one loaded."""
+class IncompatibleCheckpointError(ResumeError):
+    """A sound checkpoint that is not this run's kind: LoRA vs full fine-tuning, other adapters, another base."""
 
 
 def _saved_part(state: Any) -> tuple[Any, Any]:
@@ -54,28 +58,53 @@ def _saved_part(state: Any) -> tuple[Any, Any]:
     return (state if frozen is None else state._replace(params=trainable)), frozen
 
 
-@jax.jit
-def _checksums(leaves: list) -> list:
-    return [jax.numpy.sum(jax.numpy.abs(x.astype(jax.numpy.float32))) for x in leaves]
+def _stacked(path: tuple) -> bool:
+    """Whether a state path is a scanned layers' parameter (a leading `layers` axis)."""
+    return len(path) > 1 and getattr(path[0], "key", None) == "layers" and isinstance(getattr(path[1], "key", 0), str)
 
 
-def base_identity(frozen: Any) -> dict:
-    """Shapes and float32 sums of |w| of every base tensor (a sharded reduction: no gathering)."""
+@functools.partial(jax.jit, static_argnums=1)
+def _checksums(leaves: list, stacked: tuple[bool, ...]) -> list:
+    """Per tensor (per layer when stacked): float32 sums of |w|, of w and of w^2."""
+    out = []
+    for x, by_layer in zip(leaves, stacked):
+        x, axes = x.astype(jnp.float32), tuple(range(1, x.ndim)) if by_layer else None
+        out.append(jnp.stack([jnp.sum(jnp.abs(x), axes), jnp.sum(x, axes), jnp.sum(x * x, axes)], axis=-1))
+    return out
+
+
+def lora_identity(adapters: Any, frozen: Any) -> dict:
+    """What adapters need to go on training: their shapes, and the base's tensor shapes and checksums (per layer;
+    a sharded reduction, no gathering)."""
     leaves = jax.tree_util.tree_flatten_with_path(to_plain(frozen))[0]
-    sums = jax.device_get(_checksums([x for _, x in leaves]))
-    return {jax.tree_util.keystr(k): {"shape": list(x.shape), "sum_abs": float(v)} for (k, x), v in zip(leaves, sums)}
+    sums = jax.device_get(_checksums([x for _, x in leaves], tuple(_stacked(k) for k, _ in leaves)))
+    adapter_leaves = jax.tree_util.tree_flatten_with_path(to_plain(adapters))[0]
+    return {"base": {jax.tree_util.keystr(k): {"shape": list(x.shape), "sums": np.asarray(v).tolist()}
+                     for (k, x), v in zip(leaves, sums)},
+            "adapters": {jax.tree_util.keystr(k): list(x.shape) for k, x in adapter_leaves}}
 
 
-def check_base(saved: dict, current: dict, where: str) -> None:
-    """Raise BaseMismatchError (one line) unless the base saved with adapters is the loaded one (sums to 1e-4)."""
-    for name in sorted(set(saved) | set(current)):
-        a, b = saved.get(name), current.get(name)
-        same = a is not None and b is not None and a["shape"] == b["shape"] and \
-            abs(a["sum_abs"] - b["sum_abs"]) <= 1e-4 * max(abs(a["sum_abs"]), abs(b["sum_abs"]), 1e-12)
+def check_identity(saved: dict, current: dict, where: str) -> None:
+    """Raise IncompatibleCheckpointError (one line) unless the adapters and base saved are this run's (the
+    checksums within 1e-4 of the sum of |w| / of w^2: summation order differs across meshes)."""
+    for name in sorted(set(saved["adapters"]) | set(current["adapters"])):
+        a, b = saved["adapters"].get(name), current["adapters"].get(name)
+        if a != b:
+            raise IncompatibleCheckpointError(
+                f"{where} holds other LoRA adapters ({name}: saved {a or 'absent'}, this run {b or 'absent'}): set "
+                "model.lora's rank and targets as the run that saved it did")
+    for name in sorted(set(saved["base"]) | set(current["base"])):
+        a, b = saved["base"].get(name), current["base"].get(name)
+        same = a is not None and b is not None and a["shape"] == b["shape"]
+        if same:
+            x, y = np.asarray(a["sums"], np.float64), np.asarray(b["sums"], np.float64)
+            scale = np.maximum(np.abs(x), np.abs(y))
+            same = bool(np.all(np.abs(x - y)[..., :2] <= 1e-4 * scale[..., :1] + 1e-12) and
+                        np.all(np.abs(x - y)[..., 2] <= 1e-4 * scale[..., 2] + 1e-12))
         if not same:
-            raise BaseMismatchError(
-                f"{where} holds LoRA adapters trained on another base model (base tensor {name}: saved "
-                f"{a or 'absent'}, loaded {b or 'absent'}); set model.hf_path to the base the adapters were trained on")
+            raise IncompatibleCheckpointError(
+                f"{where} holds LoRA adapters trained on another base model (base tensor {name} differs); set "
+                "model.hf_path to the base the adapters were trained on")
 
 
 def _short(error: BaseException, limit: int = 160) -> str:
@@ -144,7 +173,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True):
         self.every = every
-        self._base: dict | None = None  # the frozen base's identity (LoRA), computed once
+        self._identity: dict | None = None  # a LoRA run's adapter shapes and base checksums, computed once
+        self._incompatible: IncompatibleCheckpointError | None = None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(directory, options=options)
@@ -159,26 +189,32 @@ class Checkpointer:
         saved, frozen = _saved_part(state)
         items = {"state": ocp.args.StandardSave(to_plain(saved)), "data": ocp.args.JsonSave(dict(data_state))}
         if frozen is not None:
-            self._base = self._base or base_identity(frozen)
-            items["base"] = ocp.args.JsonSave(self._base)
+            self._identity = self._identity or lora_identity(saved.params, frozen)
+            items["base"] = ocp.args.JsonSave(self._identity)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """(state with the template's shardings, iterator position, step) of the latest or given checkpoint."""
         step = self.latest_step() if step is None else step
         template, frozen = _saved_part(state_template)
+        where = f"the checkpoint of step {step} in {self.manager.directory}"
+        lora_saved = (epath.Path(self.manager.directory) / str(step) / "base").exists()
+        if lora_saved != (frozen is not None):
+            raise IncompatibleCheckpointError(
+                f"{where} holds LoRA adapters, and this run trains the whole model: set model.lora as the run that "
+                "saved it did" if lora_saved else f"{where} holds full fine-tuning state, and this run sets "
+                "model.lora: train the adapters in a new train.output_dir (on model.hf_path=<output_dir>/hf)")
+        if frozen is not None:  # the adapters go back on the loaded base, which must be the one they were trained on
+            self._identity = self._identity or lora_identity(template.params, frozen)
+            saved = self.manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+            check_identity(dict(saved), self._identity, where)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                 to_plain(template))
-        items = {"state": ocp.args.StandardRestore(abstract), "data": ocp.args.JsonRestore()}
-        if frozen is not None:
-            items["base"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         log.info("restored checkpoint of step %d", step)
         state = from_plain(template, restored["state"])
-        if frozen is not None:  # the adapters go back on the loaded base, which must be the one they were trained on
-            self._base = self._base or base_identity(frozen)
-            check_base(dict(restored["base"] or {}), self._base, f"the checkpoint of step {step} in "
-                       f"{self.manager.directory}")
+        if frozen is not None:
             state = state._replace(params=join(state.params, frozen))
         return state, dict(restored["data"]), step
 
@@ -200,6 +236,9 @@ class Checkpointer:
                 if failed:
                     self._set_aside([s for s, _ in failed])
                 return restored
+            if any_process(self._incompatible is not None):  # every process stops, none moves anything aside
+                raise self._incompatible or IncompatibleCheckpointError(
+                    f"{self.manager.directory}: another process found the checkpoint of step {step} incompatible")
             failed.append((step, error or "it failed on another process"))
             if main or error:
                 then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint is left"
@@ -213,8 +252,9 @@ class Checkpointer:
         """(`restore`'s result, None), or (None, a short reason) when the step does not restore here."""
         try:
             return self.restore(state_template, step), None
-        except BaseMismatchError:  # the checkpoint is sound: the run names the wrong base
-            raise
+        except IncompatibleCheckpointError as e:  # a sound checkpoint of another kind of run: not tried further
+            self._incompatible = e
+            return None, str(e)
         except Exception as e:  # noqa: BLE001 - any failure to read a step means it cannot be resumed from
             _ABANDONED.drain(str(epath.Path(self.manager.directory) / str(step)))
             if jax.process_count() > 1:  # the barrier that ends Orbax's (0.12) restore, which the failure skipped

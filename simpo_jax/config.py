@@ -8,7 +8,7 @@ from simpo_jax.data.config import DataConfig
 from simpo_jax.errors import ConfigError, check
 from simpo_jax.generate.config import GenerateConfig
 from simpo_jax.losses import LossConfig
-from simpo_jax.models.config import LORA_TARGETS, LoraConfig, ModelConfig, check_family
+from simpo_jax.models.config import LORA_TARGETS, LoraConfig, ModelConfig, check_family, normalize_targets
 from simpo_jax.onpolicy.config import OnPolicyConfig
 from simpo_jax.optim import OptimizerConfig
 from simpo_jax.sharding import MeshConfig
@@ -104,9 +104,8 @@ def lora_settings(section: Any) -> tuple[LoraConfig | None, str]:
     check(not unknown, "model", f"lora.{unknown[0]}" if unknown else "", f"unknown (known: {', '.join(LORA_FIELDS)})")
     adapter = section.pop("adapter_path", "") or ""
     given = {k: v for k, v in section.items() if v is not None and not (k == "rank" and v == 0)}
-    if "targets" in given:
-        given["targets"] = tuple(t.strip() for t in given["targets"].split(",")) if isinstance(
-            given["targets"], str) else tuple(given["targets"])
+    if "targets" in given:  # `--config.model.lora.targets=q_proj,v_proj` arrives as ("q_proj,v_proj",)
+        given["targets"] = normalize_targets(given["targets"])
     if adapter:
         from simpo_jax.models.peft_io import read_adapter_config
 

@@ -110,11 +110,13 @@ class StepFunctions(NamedTuple):
 def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossConfig, step_cfg: StepConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, state_sh: TrainState,
                global_batch: int, rules: Rules = DEFAULT_RULES, *, separate_reference: bool | None = None,
-               seed: int = 0) -> StepFunctions:
+               reference_adapters: bool = False, seed: int = 0) -> StepFunctions:
     """Validate the configuration (before any compilation) and build the jitted train/eval steps.
 
     `separate_reference`: whether a DPO-style loss's reference is a params argument of the steps (default: yes
-    without LoRA, no with it: the base with the adapters off). `seed`: LoRA dropout's (folded with the step)."""
+    without LoRA, no with it: the base with the adapters off). `reference_adapters` (LoRA): that argument holds
+    adapters (a copy of the initial ones), which go on the policy's own frozen base. `seed`: LoRA dropout's (folded
+    with the step)."""
     loss_cfg.validate()
     step_cfg.validate()
     m, dp = step_cfg.micro_batches, data_parallel_size(mesh, rules)
@@ -123,6 +125,7 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
     lora = model_cfg.lora
     model_reference = loss_cfg.needs_reference and step_cfg.reference == "model"
     separate_reference = lora is None if separate_reference is None else separate_reference
+    separate_reference = separate_reference or reference_adapters
     use_ref_model = model_reference and separate_reference  # reference params are a step argument
     base_reference = model_reference and not separate_reference  # the policy's own base, adapters off
     ref_graphdef = graphdef if lora is None else abstract_decoder(base_config(model_cfg))[0]
@@ -155,6 +158,8 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
     def reference_logps(policy, batch, ref_params, frozen):
         if not loss_cfg.needs_reference:
             return None
+        if reference_adapters:
+            return pair_logps(graphdef, (jax.lax.stop_gradient(ref_params), frozen), batch, chunk)[0]
         if base_reference or use_ref_model:
             params = frozen if base_reference else ref_params
             return pair_logps(ref_graphdef, jax.lax.stop_gradient(params), batch, chunk)[0]
@@ -212,7 +217,8 @@ def make_steps(graphdef: nnx.GraphDef, model_cfg: ModelConfig, loss_cfg: LossCon
 
     param_sh, batch_sh = state_sh.params, batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    ref_sh = (_plain(split_trainable(param_sh)[1] or param_sh),) if use_ref_model else ()
+    trainable_sh, frozen_sh = split_trainable(param_sh)
+    ref_sh = (_plain(trainable_sh if reference_adapters else frozen_sh or param_sh),) if use_ref_model else ()
     train = jax.jit(train_step, in_shardings=(_plain(state_sh), batch_sh, *ref_sh),
                     out_shardings=(_plain(state_sh), replicated), donate_argnums=(0,))
     evaluate = jax.jit(eval_step, in_shardings=(_plain(param_sh), batch_sh, *ref_sh), out_shardings=replicated)

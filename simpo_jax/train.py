@@ -23,13 +23,14 @@ from flax import nnx
 from ml_collections import config_flags
 
 from simpo_jax import distributed
-from simpo_jax.build import build_model, load_data, load_reference, tokenizer_dir
+from simpo_jax.build import build_model, load_data, load_reference, reference_options, tokenizer_dir
 from simpo_jax.checkpoint import Checkpointer
 from simpo_jax.cli import run_command
 from simpo_jax.config import build_run_config, check_generations
 from simpo_jax.data import BatchIterator
 from simpo_jax.logging_utils import MetricsLogger, truncate_metrics
 from simpo_jax.models.hf_export import export_hf
+from simpo_jax.models.lora import split_trainable
 from simpo_jax.optim import make_optimizer
 from simpo_jax.sharding import batch_sharding
 from simpo_jax.step import copy_params, init_train_state, is_packed, make_steps
@@ -98,16 +99,16 @@ def run(config: Any) -> dict[str, float]:
     total = int(train_cfg["max_steps"]) or int(train_cfg["num_epochs"]) * batches.batches_per_epoch
 
     graphdef, params, model_cfg = build_model(rc, mesh, tokenizer, seed=int(train_cfg["seed"]))
-    # DPO-style losses: a reference model (reference.hf_path, else a frozen copy of the initial policy); with LoRA
-    # and no reference.hf_path, the base with the adapters off (no copy).
-    separate_reference = model_cfg.lora is None or bool(rc.run["reference"].get("hf_path"))
+    reference = reference_options(rc, model_cfg)  # DPO-style losses: which reference, and as what argument
     ref = ()
-    if rc.loss.needs_reference and rc.step.reference == "model" and separate_reference:
+    if rc.loss.needs_reference and rc.step.reference == "model" and (
+            reference["separate_reference"] or reference["reference_adapters"]):
         ref_params = load_reference(rc, mesh, model_cfg)
-        ref = (ref_params if ref_params is not None else copy_params(params),)
+        initial = split_trainable(params)[0] if reference["reference_adapters"] else params
+        ref = (ref_params if ref_params is not None else copy_params(initial),)
     tx, schedule = make_optimizer(rc.optimizer, total)
     state, state_sh = init_train_state(params, tx, mesh)
-    step_options = dict(separate_reference=separate_reference, seed=int(train_cfg["seed"]))
+    step_options = dict(reference, seed=int(train_cfg["seed"]))
     steps = make_steps(graphdef, model_cfg, rc.loss, rc.step, tx, schedule, mesh, state_sh, batch_size,
                        **step_options)
     eval_batch = int(train_cfg["eval_batch_size"]) or batch_size

@@ -1,5 +1,7 @@
 """TPU slices, pod presets and the ahead-of-time fit check (compiles for a TPU topology where libtpu is installed)."""
+import functools
 import importlib.util
+import json
 import math
 import pathlib
 import subprocess
@@ -43,7 +45,8 @@ def test_bad_slice_names(name, message):
 
 SETTINGS = {"llama3-8b": ["llama3_8b_instruct", "llama3_8b_base", "llama3_8b_instruct_dpo"],
             "mistral-7b": ["mistral_7b_instruct", "mistral_7b_base"], "llama3-70b": ["llama3_70b_instruct"],
-            "gemma2-9b": ["gemma2_9b_it"], "gemma2-27b": ["gemma2_27b_it"]}
+            "gemma2-9b": ["gemma2_9b_it"], "gemma2-27b": ["gemma2_27b_it"],
+            "llama3-8b-lora": ["llama3_8b_instruct_lora"], "llama3-70b-lora": ["llama3_70b_instruct_lora"]}
 
 
 def test_every_preset_mesh_matches_its_slice():
@@ -52,6 +55,9 @@ def test_every_preset_mesh_matches_its_slice():
     assert set(pods.PRESETS) == set(SETTINGS)
     assert {"v4-32", "v5litepod-64", "v5p-16", "v6e-16"} <= set(pods.PRESETS["llama3-8b"])
     assert {"v5p-128", "v6e-64", "v6e-128"} <= set(pods.PRESETS["llama3-70b"])
+    assert {"v5p-16", "v6e-16"} <= set(pods.PRESETS["llama3-70b-lora"])
+    assert {"v5litepod-8", "v6e-8"} <= set(pods.PRESETS["llama3-8b-lora"])
+    assert all(parse_slice(s).hosts == 1 for s in pods.PRESETS["llama3-8b-lora"])  # one v5e / v6e host
     for family, slices in pods.PRESETS.items():
         for slice_name in slices:
             for setting in SETTINGS[family]:
@@ -83,10 +89,7 @@ def _expected_argument_bytes(tree):
     return total
 
 
-@needs_libtpu
-def test_tiny_step_compiles_for_a_tpu_topology_and_reports_per_chip_memory():
-    from simpo_jax.aot import check_fit
-
+def _tiny_tpu_config(loss="simpo", lora_rank=0):
     config = _config("tiny")
     config.model.dtype = "bfloat16"
     # Shards of 128 lanes (hidden 512 over 4 chips): hardly any TPU tile padding.
@@ -94,7 +97,24 @@ def test_tiny_step_compiles_for_a_tpu_topology_and_reports_per_chip_memory():
     config.model.num_heads, config.model.num_kv_heads = 4, 2
     config.data.max_length, config.data.max_prompt_length, config.data.bucket_lengths = 128, 64, (128,)
     config.step.micro_batches = 2
-    report = check_fit(config, parse_slice("v5p:2x2x1"))
+    config.loss.name = loss
+    if loss == "dpo":
+        config.loss.gamma_beta_ratio = None
+    config.model.lora.rank = lora_rank
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_report(loss="simpo", lora_rank=0):
+    """The tiny step compiled for v5p:2x2x1 (cached: several tests read one compile)."""
+    from simpo_jax.aot import check_fit
+
+    return check_fit(_tiny_tpu_config(loss, lora_rank), parse_slice("v5p:2x2x1"))
+
+
+@needs_libtpu
+def test_tiny_step_compiles_for_a_tpu_topology_and_reports_per_chip_memory():
+    report = _tiny_report()
     assert report.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1} and report.fits
     # Arguments: one chip's shards of the train state (fp32 params, two Adam moments, counters) and of the
     # batch, as the shardings say; TPU layouts pad the few tiny arrays (norms, counters) to (8, 128) tiles.
@@ -108,6 +128,100 @@ def test_tiny_step_compiles_for_a_tpu_topology_and_reports_per_chip_memory():
     tokens, seq, layers, heads, head_dim = 2 * 32 * 128, 128, 2, 4, 32  # the tiny preset's head_dim
     assert report.model_flops == pytest.approx(3 * (2 * matmul * tokens + 4 * layers * tokens * seq * heads * head_dim))
     assert "FITS" in report.render()
+
+
+@needs_libtpu
+def test_a_lora_step_keeps_optimizer_state_for_the_adapters_alone():
+    """The tiny step with rank-8 LoRA: its arguments shrink from full fine-tuning's by the base's two fp32 AdamW
+    moments (8 bytes a parameter, sharded over 4 chips) less the adapters with their own moments; the report
+    names the adapters, and the FLOPs count no weight gradients for the base."""
+    from simpo_jax.flops import lora_params, matmul_params
+
+    full, lora = _tiny_report(), _tiny_report(lora_rank=8)
+    cfg = lora.model
+    assert cfg.lora.rank == 8 and full.model.lora is None and lora.fits
+    # The optimizer state holds the adapters' shapes only (two moments of each adapter, plus counters).
+    moments = sum(math.prod(x.shape) for x in jax.tree.leaves(lora.arguments[0].opt_state) if x.ndim)
+    assert moments == 2 * lora_params(cfg)
+    adapters = [x for path, x in jax.tree_util.tree_leaves_with_path(lora.arguments[0].params)
+                if "lora" in jax.tree_util.keystr(path)]
+    # 2 layers x rank 8 x (in + out): q and o 512 + 4 x 32, k and v 512 + 2 x 32, gate, up and down 512 + 1024.
+    q, kv, mlp = 512 + 128, 512 + 64, 512 + 1024
+    assert sum(math.prod(x.shape) for x in adapters) == lora_params(cfg) == 2 * 8 * (2 * q + 2 * kv + 3 * mlp)
+    adapter_state = 3 * _expected_argument_bytes(adapters)  # per chip: adapters and their two moments (fp32)
+    base_moments = 2 * 4 * cfg.num_params() / 4
+    shrink = full.argument_bytes - lora.argument_bytes  # (the same fp32 base in both)
+    # TPU layouts pad the adapters' narrow (rank 8) arrays: they take up to half as much again (here 25%).
+    assert base_moments - 1.5 * adapter_state < shrink <= base_moments - adapter_state + 0.01 * base_moments, (
+        shrink, base_moments, adapter_state)  # with the base's moments kept, it would shrink by nothing at all
+    assert f"LoRA rank 8 (alpha 8, 7 projections): {lora_params(cfg) / 1e6:.1f}M trainable" in lora.render()
+    tokens, attention = 2 * 32 * 128, 3 * 4 * 2 * (2 * 32 * 128) * 128 * 4 * 32
+    nt, nt_lora = matmul_params(cfg) * tokens, lora_params(cfg) * tokens  # N·T of the base and the adapters
+    assert lora.model_flops == pytest.approx(4 * nt + attention + 6 * nt_lora)  # no weight gradients of the base
+    assert full.model_flops == pytest.approx(6 * nt + attention)
+
+
+@needs_libtpu
+def test_a_lora_dpo_step_takes_no_reference_params():
+    """DPO with LoRA: the reference is the base with the adapters off, so the step's arguments are the train
+    state and batch alone, as for SimPO (no reference copy of the weights, no reference log-prob columns)."""
+    dpo, simpo = _tiny_report("dpo", 8), _tiny_report(lora_rank=8)
+    assert len(dpo.arguments) == 2 and dpo.fits
+    assert set(dpo.arguments[1]) == set(simpo.arguments[1])
+    assert dpo.argument_bytes == simpo.argument_bytes
+    # One reference forward of the base on top of the LoRA step.
+    from simpo_jax.flops import forward_flops
+
+    assert dpo.model_flops == pytest.approx(simpo.model_flops + forward_flops(dpo.model, 2 * 32 * 128, 128))
+
+
+@needs_libtpu
+def test_a_lora_dpo_step_going_on_from_an_adapter_takes_the_initial_adapters_as_reference(tmp_path):
+    """DPO continuing a PEFT adapter (model.lora.adapter_path): the reference is the base with the initial adapters
+    (as training passes it), so the one extra argument has the adapters' shapes, not the base's."""
+    from simpo_jax.aot import check_fit
+    from simpo_jax.models.config import LORA_TARGETS
+    from simpo_jax.models.lora import split_trainable
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": list(LORA_TARGETS)}))
+    config = _tiny_tpu_config("dpo")
+    config.model.lora.adapter_path = str(tmp_path)
+    report = check_fit(config, parse_slice("v5p:2x2x1"))
+    assert report.fits and report.model.lora.rank == 8 and len(report.arguments) == 3
+    shapes = functools.partial(jax.tree.map, lambda x: (x.shape, x.dtype))
+    assert shapes(report.arguments[2]) == shapes(split_trainable(report.arguments[0].params)[0])
+
+
+def test_lora_params_count_the_adapters_of_the_decoder():
+    from simpo_jax.flops import lora_params, trainable_params
+    from simpo_jax.models.config import LoraConfig
+    from simpo_jax.models.decoder import abstract_decoder
+    from simpo_jax.models.presets import preset
+
+    cfg = preset("tiny", lora=LoraConfig(rank=4, targets=("q_proj", "o_proj", "down_proj")))
+    _, params = abstract_decoder(cfg)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    adapters = sum(math.prod(x.shape) for path, x in leaves if "lora" in jax.tree_util.keystr(path))
+    assert lora_params(cfg) == trainable_params(cfg) == adapters > 0
+    assert lora_params(preset("tiny")) == 0 and trainable_params(preset("tiny")) == preset("tiny").num_params()
+    # Llama-3-70B, rank 16 on all seven projections: 80 layers x 16 x (2 x (8192 + 8192) + 2 x (8192 + 1024)
+    # + 3 x (8192 + 28672)).
+    assert lora_params(preset("llama3-70b", lora=LoraConfig(rank=16))) == 207_093_760
+
+
+def test_the_hf_config_path_keeps_lora(tmp_path):
+    """A config naming only model.hf_path: the fit check's model carries the adapters too."""
+    from simpo_jax.aot import aot_model_config
+    from simpo_jax.models.config import to_hf_dict
+    from simpo_jax.models.presets import preset
+
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_dict(preset("tiny"))))
+    config = _config("tiny")
+    config.model.preset, config.model.hf_path, config.model.lora.rank = "", str(tmp_path), 4
+    cfg = aot_model_config(build_run_config(config))
+    assert cfg.lora is not None and cfg.lora.rank == 4 and cfg.hidden_size == preset("tiny").hidden_size
+    assert cfg.remat_policy == "none"  # the section's runtime options still apply
 
 
 @needs_libtpu

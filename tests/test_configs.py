@@ -90,3 +90,25 @@ def test_gemma2_pod_presets():
             assert rc.mesh.slice == slice_name and rc.model["attention_impl"] == "splash"
             assert math.prod(rc.mesh.ici_shape(chips)) == rc.mesh.fsdp * rc.mesh.tensor * rc.mesh.data == chips
             assert 128 % (rc.mesh.data * rc.mesh.fsdp * rc.step.micro_batches) == 0
+
+
+LORA = {"llama3_8b_instruct_lora": ("llama3_8b_instruct", 1e-5),  # setting: (its full fine-tune, learning rate)
+        "llama3_70b_instruct_lora": ("llama3_70b_instruct", 5e-6)}
+
+
+@pytest.mark.parametrize("name", sorted(LORA))
+def test_lora_settings(name):
+    """The LoRA settings: their full fine-tune's recipe (loss, data, batch, schedule), rank-16 adapters (alpha 32,
+    no dropout) on all seven projections of a bfloat16 base, and LoRA's larger learning rate."""
+    from simpo_jax.models.config import LORA_TARGETS, LoraConfig
+
+    full_name, lr = LORA[name]
+    rc, full = build_run_config(_load(name)), build_run_config(_load(full_name))
+    assert rc.model["lora"] == LoraConfig(rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS)
+    assert rc.model["param_dtype"] == "bfloat16" and full.model["lora"] is None
+    assert rc.optimizer.learning_rate == lr == pytest.approx(10 * full.optimizer.learning_rate)
+    assert rc.loss == full.loss and rc.data == full.data and rc.step == full.step
+    assert {k: v for k, v in rc.model.items() if k not in ("lora", "param_dtype")} == {
+        k: v for k, v in full.model.items() if k not in ("lora", "param_dtype")}
+    assert rc.run["train"] | {"output_dir": ""} == full.run["train"] | {"output_dir": ""}
+    assert rc.run["train"]["output_dir"] == f"runs/{name}"

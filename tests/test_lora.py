@@ -43,6 +43,11 @@ def test_settings_from_the_model_lora_section():
     assert cfg == LoraConfig(rank=8, alpha=8.0, targets=("q_proj", "v_proj")) and cfg.scale == 1.0
     assert lora_settings({"rank": 16, "alpha": 32.0, "rslora": True})[0].scale == 32.0 / 4
     assert lora_settings({"rank": 4, "targets": ["all-linear"]})[0].targets == LORA_TARGETS
+    # `--config.model.lora.targets=v_proj,q` reaches the section as ml_collections parses it for a tuple field.
+    from ml_collections.config_flags.tuple_parser import TupleParser
+
+    parsed = TupleParser().parse("v_proj,q")  # ("v_proj,q",)
+    assert lora_settings({"rank": 4, "targets": parsed})[0].targets == ("q_proj", "v_proj")
     cases = [({"rank": 0, "alpha": 16.0}, "'lora.rank': is 0 (no adapters) but lora.alpha is set"),
              ({"rank": 4, "targets": "q,lm_head"}, "'lora.targets': 'lm_head_proj': not a projection"),
              ({"rank": 4, "dropout": 1.0}, "'lora.dropout': must be in [0, 1)"),
@@ -82,7 +87,7 @@ def test_only_the_adapters_train_and_only_they_have_optimizer_state():
     assert changed == {k for k in before if "_lora_" in k}  # every adapter moved (A too, from step 2), no base
 
 
-def test_dpo_reference_is_the_base_with_adapters_off_as_an_explicit_frozen_copy():
+def test_dpo_reference_is_the_adapter_free_base_or_the_initial_adapters():
     dpo = LossConfig(name="dpo", beta=0.1)
     state, steps, _ = build(dpo, cfg=LORA)
     state = _nudge(state)
@@ -100,6 +105,20 @@ def test_dpo_reference_is_the_base_with_adapters_off_as_an_explicit_frozen_copy(
     for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         np.testing.assert_allclose(implicit_metrics[key], explicit_metrics[key], rtol=1e-6, err_msg=key)
     assert abs(float(implicit_metrics["rewards/chosen"])) > 1e-4  # the adapters do change the policy
+
+    # Continuing a loaded adapter (model.lora.adapter_path): the reference is the initial policy, base + a copy of
+    # the initial adapters. At the start the rewards are 0; after a step they are beta x the policy's change.
+    initial_steps = make_steps(random_params(LORA, mesh)[0], LORA, dpo, StepConfig(logprob_chunk_len=8), tx,
+                               schedule, mesh, steps.state_shardings, 8, reference_adapters=True)
+    initial_adapters = copy_params(split_trainable(state.params)[0])
+    before = initial_steps.eval(state.params, batch, initial_adapters)
+    assert float(before["rewards/chosen"]) == 0.0 and float(before["loss"]) == pytest.approx(np.log(2.0))
+    state, _ = initial_steps.train(state, batch, initial_adapters)
+    after = initial_steps.eval(state.params, batch, initial_adapters)
+    for side in ("chosen", "rejected"):
+        change = float(after[f"logps/{side}"]) - float(before[f"logps/{side}"])
+        assert float(after[f"rewards/{side}"]) == pytest.approx(0.1 * change, rel=1e-4, abs=1e-7)
+        assert abs(change) > 1e-3
 
 
 def test_micro_batches_give_the_full_batch_gradient():
@@ -167,6 +186,12 @@ def test_gemma2_scans_its_layer_pairs_with_dropout_keys():
         copy_params(state), state)]
     assert losses[0] == losses[1] and np.isfinite(losses[0])  # the same seed and step: the same masks
     assert eval_loss != losses[0]  # the masks apply in training only
+    # Unscanned, from the same params: layer i draws layer i's masks, so the loss is the same.
+    flat, steps_flat, _ = build(LossConfig(name="simpo"), cfg=gemma.replace(scan_layers=False))
+    scanned = _nudge(build(LossConfig(name="simpo"), cfg=gemma)[0])
+    flat = flat._replace(params=_as_unscanned(scanned.params, flat.params))
+    assert float(steps_flat.train(flat, preference_batch(8, 24, seed=8))[1]["loss"]) == pytest.approx(losses[0],
+                                                                                                      rel=1e-5)
 
 
 def test_dropout_is_inverted_seeded_and_off_without_a_key():
@@ -193,16 +218,17 @@ def test_dropout_is_inverted_seeded_and_off_without_a_key():
 
 def test_train_steps_use_a_new_dropout_mask_each_step_but_evaluation_none():
     cfg = LORA.replace(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.3))
-    state, steps, _ = build(LossConfig(name="simpo"), cfg=cfg, lr=1e-9)
+    state, steps, _ = build(LossConfig(name="simpo"), cfg=cfg)
     state = _nudge(state)
     batch = preference_batch(8, 24, seed=5)
     eval_loss = float(steps.eval(state.params, batch)["loss"])
     assert float(steps.eval(state.params, batch)["loss"]) == eval_loss
-    losses = []
-    for _ in range(2):
-        state, metrics = steps.train(state, batch)
-        losses.append(float(metrics["loss"]))
-    assert len({eval_loss, *losses}) == 3
+    losses = {}  # the same params at steps 0, 1 and 0 again: the step number alone draws the masks
+    for step in (0, 1, 0):
+        start = copy_params(state)._replace(step=jnp.asarray(step, jnp.int32))
+        losses.setdefault(step, []).append(float(steps.train(start, batch)[1]["loss"]))
+    assert losses[0][0] == losses[0][1]
+    assert min(abs(losses[0][0] - losses[1][0]), abs(losses[0][0] - eval_loss), abs(losses[1][0] - eval_loss)) > 1e-4
 
 
 @multi_device(8)
@@ -225,13 +251,15 @@ def test_adapters_shard_like_their_base_matrices_and_train_the_same_on_a_mesh():
         np.testing.assert_allclose(results[1][key], results[0][key], rtol=2e-5, atol=1e-6, err_msg=key)
 
 
-def _train(out, *extra, env=None, check=True):
+def _train(out, *extra, env=None, check=True, lora=True):
     values = {"train.output_dir": out, "data.builtin_train_rows": 128, "data.builtin_eval_rows": 16,
               "train.batch_size": 8, "train.max_steps": 6, "train.eval_every": 0, "checkpoint.every": 2,
               "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 2,
               "model.num_kv_heads": 1, "step.logprob_chunk_len": 32, "logging.progress_bar": False,
               "optimizer.learning_rate": 1e-2, "model.lora.rank": 4, "model.lora.dropout": 0.1,
               "train.generate_every": 0}
+    if not lora:
+        values = {k: v for k, v in values.items() if not k.startswith("model.lora")}
     cmd = [sys.executable, "-m", "simpo_jax.train", "--config", str(ROOT / "configs" / "tiny.py"),
            *[f"--config.{k}={v}" for k, v in values.items()], *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, **(env or {})),
@@ -259,10 +287,46 @@ def test_train_command_checkpoints_adapters_only_resumes_exactly_and_refuses_ano
     names = " ".join(saved["tree_metadata"])
     assert "q_proj_lora_a" in names and "embed_tokens" not in names and "'q_proj'" not in names
     base = json.loads((tmp_path / "killed" / "checkpoints" / "6" / "base" / "metadata").read_text())
-    assert any("embed_tokens" in k for k in base)
+    assert any("embed_tokens" in k for k in base["base"]) and any("_lora_a" in k for k in base["adapters"])
     assert "(LoRA merged)" in out and "exported the PEFT adapter" in out
     assert (tmp_path / "killed" / "adapter" / "adapter_config.json").exists()
     # Another base (train.seed draws the random base): one line, no traceback, nothing overwritten.
     proc = _train(killed, "--config.train.seed=1", "--config.train.max_steps=8", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert "holds LoRA adapters trained on another base model" in proc.stderr + proc.stdout
+    # Other adapters, or full fine-tuning: one line each, and every checkpoint is still there.
+    for lora, message in ((True, "holds other LoRA adapters"),
+                          (False, "holds LoRA adapters, and this run trains the whole model")):
+        proc = _train(killed, "--config.model.lora.rank=8", "--config.train.max_steps=8", check=False, lora=lora) \
+            if lora else _train(killed, "--config.train.max_steps=8", check=False, lora=False)
+        output = proc.stderr + proc.stdout
+        assert proc.returncode == 2 and "Traceback" not in output and message in output, output[-3000:]
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["2", "4", "6"]
+
+
+def test_the_base_identity_sees_one_layer_changed_but_not_another_layout():
+    from simpo_jax.checkpoint import IncompatibleCheckpointError, check_identity, lora_identity
+
+    mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
+    adapters, frozen = split_trainable(random_params(LORA, mesh, seed=0)[1])
+    saved = lora_identity(adapters, frozen)
+    check_identity(saved, lora_identity(adapters, copy_params(frozen)), "here")
+    for change in (lambda w: w.at[1].multiply(1.001), lambda w: w.at[1].multiply(-1.0),  # layer 1 only
+                   lambda w: w[::-1]):  # layers swapped
+        other = jax.tree.map(lambda x: x, frozen)
+        mlp = other["layers"]["mlp"]["up_proj"]
+        mlp.set_value(change(mlp.get_value()))
+        with pytest.raises(IncompatibleCheckpointError, match="another base model .*up_proj"):
+            check_identity(saved, lora_identity(adapters, other), "here")
+
+
+def test_a_full_fine_tuning_checkpoint_is_not_resumed_as_lora(tmp_path):
+    from simpo_jax.checkpoint import Checkpointer, IncompatibleCheckpointError
+
+    full = build(LossConfig(name="simpo"), cfg=TINY)[0]
+    checkpoints = Checkpointer(str(tmp_path), every=1, async_save=False)
+    checkpoints.save(1, full, {"epoch": 0}, force=True)
+    with pytest.raises(IncompatibleCheckpointError, match="holds full fine-tuning state, and this run sets model.lora"):
+        checkpoints.restore_latest_good(build(LossConfig(name="simpo"), cfg=LORA)[0])
+    assert [p.name for p in tmp_path.iterdir() if p.name[0].isdigit()] == ["1"]  # nothing set aside
+    checkpoints.close()

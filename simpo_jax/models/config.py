@@ -49,7 +49,8 @@ class LoraConfig:
 
 def normalize_targets(targets: Any) -> tuple[str, ...]:
     """Target module names in layer order: full names, short ones (`q`, `gate`) or `all-linear`."""
-    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    names = [n.strip() for t in ([targets] if isinstance(targets, str) else targets) for n in str(t).split(",")]
+    names = [n for n in names if n]
     if names in (["all-linear"], ["all"]):
         return LORA_TARGETS
     full = {t if t.endswith("_proj") else f"{t}_proj" for t in names}

@@ -94,7 +94,8 @@ def settings(rc: Any, source: str, stage: str, fingerprints: dict[str, str]) -> 
     gen, op, judge, extras = rc.run["generate"], rc.run["onpolicy"], rc.run["judge"], rc.run["data_extras"]
     scoring, random_init = stage != "sample", not source
     return {  # the policy and the prompt source: always recorded ("" / -1 when unset), so that setting one is a change
-        "model:hf_path": rc.model.get("hf_path") or "", "generate:checkpoint": gen.checkpoint,
+        "model:hf_path": rc.model.get("hf_path") or "",
+        "model:lora.adapter_path": rc.run.get("lora_adapter") or "", "generate:checkpoint": gen.checkpoint,
         "model:preset": (rc.model.get("preset") or "") if random_init else "",
         "train:seed": int(rc.run["train"]["seed"]) if random_init else -1,
         "model:dtype": rc.model.get("dtype"), "model:param_dtype": rc.model.get("param_dtype"),
