@@ -34,6 +34,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    # LoRA adapters: the embed side as the base matrix (fsdp); the other side over tensor, then fsdp, so that
+    # no chip holds a whole adapter factor (and its optimizer moments); the rank itself is never split.
+    ("adapter_heads", ("tensor", "fsdp")),
+    ("adapter_kv_heads", ("tensor", "fsdp")),
+    ("adapter_mlp", ("tensor", "fsdp")),
+    ("lora_rank", None),
     ("activation_batch", ("data", "fsdp")),
     ("activation_tokens", ("data", "fsdp")),
     ("activation_embed", None),

@@ -4,7 +4,8 @@ a model's parameters into trainable adapters and the frozen base.
 An adapter of a projection `W [*in, *out]` is `A [*in, rank]` (PEFT's `lora_A`, Kaiming-uniform as PEFT
 initializes it) and `B [rank, *out]` (`lora_B`, zeros: at step 0 the model is its base). Both are
 `nnx.LoRAParam`s carrying the base's logical axes on their `in` / `out` sides and `lora_rank` (replicated)
-on the other, so they shard like the matrix they adapt; stacked layers add the leading `layers` axis.
+on the other, so they shard like the matrix they adapt, except that the heads / MLP side is split over fsdp
+too when tensor parallelism leaves it whole (`adapter_*` axes); stacked layers add the leading `layers` axis.
 They live next to the base matrix as `<name>_lora_a` / `<name>_lora_b` (e.g. `self_attn.q_proj_lora_a`).
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from simpo_jax.sharding import constrain
 TARGET_SITES = {"q_proj": ("self_attn", 1), "k_proj": ("self_attn", 1), "v_proj": ("self_attn", 1),
                 "o_proj": ("self_attn", 2), "gate_proj": ("mlp", 1), "up_proj": ("mlp", 1), "down_proj": ("mlp", 1)}
 ADAPTER_DTYPE = jnp.float32
+# The non-embed side of a factor: split over tensor and then fsdp (simpo_jax/sharding.py), not only tensor.
+ADAPTER_AXES = {"heads": "adapter_heads", "kv_heads": "adapter_kv_heads", "mlp": "adapter_mlp"}
 
 
 def add_adapters(decoder: Any, key: jax.Array) -> None:
@@ -54,6 +57,7 @@ def _adapter_pair(base: nnx.Param, n_in: int, rank: int, key: jax.Array,
     bound = 1.0 / math.sqrt(math.prod(shape[lead:split]))
     a = jax.random.uniform(key, shape[:split] + (rank,), ADAPTER_DTYPE, -bound, bound)
     b = jnp.zeros(shape[:lead] + (rank,) + shape[split:], ADAPTER_DTYPE)
+    axes = tuple(ADAPTER_AXES.get(name, name) for name in axes)
     return (nnx.LoRAParam(a, logical_axes=axes[:split] + ("lora_rank",)),
             nnx.LoRAParam(b, logical_axes=axes[:lead] + ("lora_rank",) + axes[split:]))
 
