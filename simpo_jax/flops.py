@@ -33,11 +33,6 @@ def lora_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * cfg.lora.rank * sum(sum(shapes[t]) for t in cfg.lora.targets)
 
 
-def trainable_params(cfg: ModelConfig) -> int:
-    """Parameters the optimizer updates: the adapters with LoRA, else all of them."""
-    return lora_params(cfg) if cfg.lora is not None else cfg.num_params()
-
-
 def forward_flops(cfg: ModelConfig, tokens: int, seq_len: int) -> float:
     """One forward pass of the base model over `tokens` tokens in sequences of `seq_len`: 2·N·T +
     4·layers·T·seq·heads·head_dim (attention scores and values, counted over the full (non-causal) square, as

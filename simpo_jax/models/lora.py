@@ -79,8 +79,8 @@ def adapter_term(module: Any, name: str, x: jax.Array, dtype: Any, key: jax.Arra
 
 
 def delta(a: Any, b: Any, scale: float) -> Any:
-    """The adapter's weight update `scale * A @ B` in the base matrix's layout (numpy or jax, any leading axes
-    shared by A and B are batch axes: pass one layer's slices)."""
+    """The adapter's weight update `scale * A @ B` in the base matrix's layout, for one layer's A `[*in, rank]` and
+    B `[rank, *out]` (numpy or jax; stacked layers: pass a layer's slices)."""
     return scale * (a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)).reshape(a.shape[:-1] + b.shape[1:])
 
 
