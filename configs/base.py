@@ -51,12 +51,13 @@ def get_config() -> ConfigDict:
     c.distributed = ConfigDict(dict(initialize="auto", coordinator_address="", num_processes=0, process_id=-1,
                                     local_device_ids=""))
     # Sampling (`python -m simpo_jax.generate`): prompts ("" = the run's eval data, else a file / dataset with a
-    # messages, prompt or instruction column), weights ("" = model.hf_path, else an HF dir or a run's output_dir),
-    # sampling parameters and batching; see simpo_jax/generate/config.py.
+    # messages, prompt or instruction column) rendered as the official on-policy generator renders them
+    # (prompt_rendering="training": with training's empty system turn), weights ("" = model.hf_path, else an HF
+    # dir or a run's output_dir), sampling parameters and batching; see simpo_jax/generate/config.py.
     c.generate = ConfigDict(dict(
-        prompts="", split="test", prompt_column="", apply_chat_template=True, max_prompts=0, dataset_name="",
-        checkpoint="", generator="", max_new_tokens=1024, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-        num_samples=1, batch_size=16, max_prompt_length=0, prompt_buckets=placeholder(tuple)))
+        prompts="", split="test", prompt_column="", apply_chat_template=True, prompt_rendering="official",
+        max_prompts=0, dataset_name="", checkpoint="", generator="", max_new_tokens=1024, temperature=0.0, top_k=0,
+        top_p=1.0, seed=0, num_samples=1, batch_size=16, max_prompt_length=0, prompt_buckets=placeholder(tuple)))
     # Judging the answers generated during training: reward_model is a Hugging Face *ForSequenceClassification
     # directory or Hub id ("" = none); it scores (prompt, answer) pairs `batch_size` at a time, cut to `max_length`
     # tokens.

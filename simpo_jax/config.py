@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from simpo_jax.cli_values import TUPLE_FIELDS, tuple_value
 from simpo_jax.data.config import DataConfig
 from simpo_jax.errors import ConfigError, check
 from simpo_jax.generate.config import GenerateConfig
@@ -37,9 +38,9 @@ def typed(cls: type, name: str, values: dict) -> Any:
         raise ConfigError(f"{name} config field {unknown[0]!r}: unknown (known: {', '.join(sorted(fields))})")
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in values.items() if v is not None or defaults[k] is None}  # None: the default
-    for key in ("bucket_lengths", "prompt_buckets", "seeds", "splits"):
+    for key, kind in TUPLE_FIELDS.items():
         if kwargs.get(key) is not None:
-            kwargs[key] = tuple(kwargs[key])
+            kwargs[key] = tuple_value(kwargs[key], name, key, kind)
     obj = cls(**kwargs)
     return obj.validate() if hasattr(obj, "validate") and not isinstance(obj, ModelConfig) else obj
 
@@ -58,8 +59,9 @@ class RunConfig:
     # distributed, data extras; generate (a GenerateConfig); judge; onpolicy (an OnPolicyConfig)
 
 
-def build_run_config(config: Any) -> RunConfig:
-    """Check every section of a ConfigDict before anything is loaded or compiled."""
+def build_run_config(config: Any, require_data: bool = True) -> RunConfig:
+    """Check every section of a ConfigDict before anything is loaded or compiled; `require_data` False: a
+    command whose prompts may come from `generate.prompts` (generate, onpolicy) needs no training data source."""
     unknown = sorted(set(config.keys()) - set(SECTIONS))
     check(not unknown, "run", unknown[0] if unknown else "", f"unknown section (known: {', '.join(SECTIONS)})")
     data = _section(config, "data")
@@ -75,7 +77,8 @@ def build_run_config(config: Any) -> RunConfig:
     check(int(train["num_epochs"]) >= 1 or int(train["max_steps"]) >= 1, "train", "num_epochs",
           "set num_epochs or max_steps")
     check(bool(train["output_dir"]), "train", "output_dir", "must be set")
-    check(bool(data.get("path")) or bool(extras.get("builtin")), "data", "path", "set data.path or data.builtin")
+    check(not require_data or bool(data.get("path")) or bool(extras.get("builtin")), "data", "path",
+          "set data.path or data.builtin")
     run = {name: _section(config, name) for name in ("reference", "train", "checkpoint", "logging", "export", "score")}
     run["distributed"] = _section(config, "distributed") if "distributed" in config else {}
     run["data_extras"] = extras

@@ -1,8 +1,11 @@
-"""Tiny offline tokenizers (Llama-3-style and Mistral-style) for data-pipeline tests."""
+"""Tiny offline tokenizers (Llama-3-, Mistral-, Gemma-2- and Qwen-style) for data-pipeline tests."""
 import functools
+import pathlib
 
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import PreTrainedTokenizerFast
+
+TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
 
 CORPUS = [
     "hello world how are you today", "the quick brown fox jumps over the lazy dog",
@@ -42,3 +45,29 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
 def mistral_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=_bpe(["<unk>", "<s>", "</s>"]), bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>")
+
+
+def template_text(name: str) -> str:
+    """A chat template of tests/templates/ (the models' own, byte for byte)."""
+    return (TEMPLATES / name).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def gemma2_tokenizer() -> PreTrainedTokenizerFast:
+    """gemma-2-9b-it's special tokens (ids 0-3 as in the real vocabulary) and its own chat template."""
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(special), bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = template_text("gemma2.jinja")
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def qwen_tokenizer(template: str) -> PreTrainedTokenizerFast:
+    """Qwen2.5-Instruct / Qwen3's special tokens: no BOS, EOS <|im_end|>, pad <|endoftext|>; <think> and </think>
+    are ordinary added tokens (as in Qwen3's vocabulary)."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = template_text(template)
+    return tok

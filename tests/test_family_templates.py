@@ -31,9 +31,8 @@ import pathlib
 import jinja2
 import pytest
 from datasets import Dataset
-from transformers import PreTrainedTokenizerFast
 
-from data_helpers import _bpe
+from data_helpers import TEMPLATES, gemma2_tokenizer, qwen_tokenizer, template_text as _template
 from simpo_jax.data import DataConfig, DataError, tokenize_dataset
 from simpo_jax.errors import UserError
 from simpo_jax.fixtures.smollm2 import hh_row_to_conversational
@@ -42,37 +41,11 @@ from simpo_jax.generate.prompts import build_prompts
 from test_data_tokenization import official_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TEMPLATES = pathlib.Path(__file__).resolve().parent / "templates"
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 QWEN25_DEFAULT_SYSTEM = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
                          "<|im_end|>\n")
 EMPTY_SYSTEM = "<|im_start|>system\n<|im_end|>\n"
-
-
-def _template(name: str) -> str:
-    return (TEMPLATES / name).read_text()
-
-
-@functools.lru_cache(maxsize=None)
-def gemma2_tokenizer() -> PreTrainedTokenizerFast:
-    """gemma-2-9b-it's special tokens (ids 0-3 as in the real vocabulary) and its own chat template."""
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(special), bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<pad>", unk_token="<unk>")
-    tok.chat_template = _template("gemma2.jinja")
-    return tok
-
-
-@functools.lru_cache(maxsize=None)
-def qwen_tokenizer(template: str) -> PreTrainedTokenizerFast:
-    """Qwen2.5-Instruct / Qwen3's special tokens: no BOS, EOS <|im_end|>, pad <|endoftext|>; <think> and </think>
-    are ordinary added tokens (as in Qwen3's vocabulary)."""
-    tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
-                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_tokens(["<think>", "</think>"])
-    tok.chat_template = _template(template)
-    return tok
 
 
 class _AnyId:
@@ -286,27 +259,40 @@ def test_qwen3_response_has_no_think_block():
         tokenize_dataset(Dataset.from_list([row]), DataConfig(), tok, verbose=False)[0][0]["chosen_input_ids"]
 
 
-@pytest.mark.parametrize("family, template, want", [
-    ("gemma2", "gemma2_simpo_recipe.jinja", "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"),
-    ("qwen2_5", None, EMPTY_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
-    ("qwen3", None, EMPTY_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
-])
-def test_generation_prompt(family, template, want):
+GENERATION_PROMPTS = [  # (family, template, rendering, want)
+    ("gemma2", "gemma2_simpo_recipe.jinja", "official",
+     "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"),
+    ("gemma2", "gemma2_simpo_recipe.jinja", "training",
+     "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"),
+    # The official generator keeps the template's own default system prompt; training's rule replaces it.
+    ("qwen2_5", None, "official", QWEN25_DEFAULT_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ("qwen2_5", None, "training", EMPTY_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ("qwen3", None, "official", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ("qwen3", None, "training", EMPTY_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+]
+
+
+@pytest.mark.parametrize("family, template, rendering, want", GENERATION_PROMPTS)
+def test_generation_prompt(family, template, rendering, want):
     tok = gemma2_tokenizer() if family == "gemma2" else qwen_tokenizer(f"{family}.jinja")
     data = DataConfig(chat_template=_template(template) if template else None)
     for row in ({"prompt": "Hi"}, {"messages": [_user("Hi")]}, {"messages": [_user("Hi"), _bot("Hello")]}):
-        prompt, = build_prompts([row], "x", GenerateConfig(), data, tok)
+        prompt, = build_prompts([row], "x", GenerateConfig(prompt_rendering=rendering), data, tok)
         assert prompt.ids == tok(want, add_special_tokens=False)["input_ids"]
-        assert tok.decode(prompt.ids) == want  # one BOS for Gemma (from the template), none for Qwen
+        assert tok.decode(prompt.ids) == want == prompt.text  # one BOS for Gemma (from the template), none for Qwen
         assert prompt.instruction == "Hi"
+    if rendering == "official":  # what transformers' apply_chat_template makes of the user turn
+        assert want == tok.apply_chat_template([_user("Hi")], tokenize=False, add_generation_prompt=True,
+                                               chat_template=data.chat_template)
 
 
 def test_generation_prompt_gemma2_stock_template():
     tok = gemma2_tokenizer()
     # The official on-policy generator (on_policy_data_gen/decode.py) renders [user] with Gemma's own template and
-    # no system turn: the inserted empty one is dropped again when the template refuses it.
-    prompt, = build_prompts([{"prompt": "Hi"}], "x", GenerateConfig(), DataConfig(), tok)
-    assert tok.decode(prompt.ids) == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    # no system turn; training's rendering drops its inserted empty one again when the template refuses it.
+    for rendering in ("official", "training"):
+        prompt, = build_prompts([{"prompt": "Hi"}], "x", GenerateConfig(prompt_rendering=rendering), DataConfig(), tok)
+        assert tok.decode(prompt.ids) == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     # A template error that is not about the inserted turn is one line naming the roles and data.chat_template.
     with pytest.raises(UserError, match=r"roles \['assistant', 'user'\].*Conversation roles must alternate"):
         build_prompts([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "Hi"}]}], "x",

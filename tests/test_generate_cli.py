@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model
-from data_helpers import llama3_tokenizer
+from data_helpers import llama3_tokenizer, qwen_tokenizer
 from test_train import ROOT, tiny_config
 from simpo_jax.errors import ConfigError
 from simpo_jax.generate.cli import generate
@@ -155,9 +155,9 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 
 @pytest.mark.parametrize("template,generation_prompt", [(None, "<|start_header_id|>assistant<|end_header_id|>\n\n"),
                                                         (CHATML, "<|im_start|>assistant\n"), ("mistral", "")])
-def test_prompts_render_as_training_prompts_plus_the_generation_prompt(template, generation_prompt):
-    """A preference row's training prompt (formats.row_to_text, with its empty-system-turn rule) followed by the
-    template's generation prompt is what generation renders for the same conversation."""
+def test_training_rendering_is_the_training_prompt_plus_the_generation_prompt(template, generation_prompt):
+    """With generate.prompt_rendering="training", a preference row's training prompt (formats.row_to_text, with its
+    empty-system-turn rule) followed by the template's generation prompt is what generation renders."""
     from simpo_jax.data.config import DataConfig
     from simpo_jax.data.formats import row_to_text
     from simpo_jax.data.pipeline import resolve_template
@@ -171,7 +171,115 @@ def test_prompts_render_as_training_prompts_plus_the_generation_prompt(template,
         row = {"prompt": "ignored", "chosen": conversation,
                "rejected": conversation[:-1] + [{"role": "assistant", "content": "another"}]}
         trained = row_to_text(row, "prompt_messages", data, tok, resolve_template(data)).prompt
-        text, _ = render({"messages": conversation}, "messages", GenerateConfig(), data, tok)
+        text, _ = render({"messages": conversation}, "messages", GenerateConfig(prompt_rendering="training"), data, tok)
         assert text == trained + generation_prompt
         if template == CHATML and conversation[0]["role"] != "system":
             assert text.startswith("<|im_start|>system\n<|im_end|>")  # training's empty system turn
+
+
+@pytest.mark.parametrize("template", [None, CHATML, "mistral"])
+def test_official_rendering_is_apply_chat_template_of_the_turns(template):
+    """By default a prompt is rendered as the official on-policy generator renders it: its turns as they are (a
+    trailing assistant turn dropped) with the generation prompt; nothing is inserted."""
+    from simpo_jax.data.config import DataConfig
+    from simpo_jax.data.pipeline import resolve_template
+    from simpo_jax.generate.config import GenerateConfig
+    from simpo_jax.generate.prompts import render
+
+    tok, data = llama3_tokenizer(), DataConfig(chat_template=template)
+    for messages in MESSAGES[:3]:
+        turns = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        want = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True,
+                                       chat_template=resolve_template(data))
+        assert render({"messages": messages}, "messages", GenerateConfig(), data, tok)[0] == want
+        if template == CHATML and turns[0]["role"] != "system":
+            assert "<|im_start|>system" not in want
+
+
+def qwen25_model(tmp_path):
+    """A tiny random Qwen2.5-style model whose tokenizer carries Qwen2.5's own template (default system prompt)."""
+    tok = qwen_tokenizer("qwen2_5.jinja")
+    path = tmp_path / "qwen"
+    model = make_hf_model("qwen2", path, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(str(path))
+    return str(path), model, tok
+
+
+def test_greedy_matches_transformers_on_the_plain_chat_template_rendering(tmp_path):
+    """Qwen2.5's template has a default system prompt: generation keeps it, token for token what transformers
+    generates from `apply_chat_template([user], add_generation_prompt=True)`."""
+    path, ref, tok = qwen25_model(tmp_path)
+    questions = ["hello world", "the quick brown fox", "what is the capital of France?"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": q} for q in questions])
+    out = tmp_path / "samples.jsonl"
+    assert generate(config_for(tmp_path, path, prompts=prompts, prompt_buckets=(128,)), str(out)) == 3
+    for question, row in zip(questions, read_jsonl(out)):
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"]
+        assert tok.decode(ids).startswith("<|im_start|>system\nYou are Qwen")
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                do_sample=False, max_new_tokens=16, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        want = want[:want.index(tok.eos_token_id)] if tok.eos_token_id in want else want
+        assert row["prompt_tokens"] == len(ids) and row["output_tokens"] == len(want)
+        assert row["output"] == tok.decode(want, skip_special_tokens=True)
+
+
+def _cli(module, config, *args):
+    cmd = [sys.executable, "-m", module, "--config", str(ROOT / "configs" / config),
+           "--config.logging.progress_bar=False", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_prompt_file_needs_no_training_data_and_counts_cut_prompts(tmp_path):
+    """`generate` with only a model and a prompt file (configs/base.py sets no data source) runs; a prompt longer
+    than generate.max_prompt_length is counted in one line naming that field, and its line says prompt_cut."""
+    path, _, tok = qwen25_model(tmp_path)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello world"}, {"prompt": "the quick brown fox " * 40}])
+    out = tmp_path / "out.jsonl"
+    proc = _cli("simpo_jax.generate", "base.py", f"--config.model.hf_path={path}", "--config.model.dtype=float32",
+                f"--config.generate.prompts={prompts}", "--config.generate.max_new_tokens=4",
+                "--config.generate.max_prompt_length=128", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: 1 of 2 prompts are longer than 128 tokens and keep only their last 128; raise " \
+           "generate.max_prompt_length to keep them whole" in proc.stdout
+    rows = read_jsonl(out)
+    assert [(r["prompt_cut"], r["prompt_tokens"]) for r in rows] == [
+        (False, len(tok.apply_chat_template([{"role": "user", "content": "hello world"}],
+                                            add_generation_prompt=True)["input_ids"])), (True, 128)]
+
+
+@pytest.mark.parametrize("splits", ["(train,)", "train", "('train',)"])
+def test_cli_tuple_fields_take_the_forms_users_type(tmp_path, splits):
+    """onpolicy.splits / onpolicy.seeds as typed on a command line; a value that cannot be read is one line."""
+    tiny = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.num_layers=1",
+            "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.generate.max_prompts=2",
+            "--config.onpolicy.max_new_tokens=4", "--stage=sample", f"--output={tmp_path / 'data'}"]
+    proc = _cli("simpo_jax.onpolicy", "onpolicy_tiny.py", f"--config.onpolicy.splits={splits}",
+                "--config.onpolicy.seeds=13,21", *tiny)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(tmp_path / "data" / "samples") == ["train"]
+    manifest = json.load(open(tmp_path / "data" / "onpolicy.json"))
+    assert manifest["onpolicy:seeds"] == [13, 21]
+    if splits == "train":  # once is enough for the error
+        proc = _cli("simpo_jax.onpolicy", "onpolicy_tiny.py", "--config.onpolicy.seeds=13,x", *tiny)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "onpolicy config field 'seeds': takes whole numbers, e.g. --config.onpolicy.seeds=13,21,42" in \
+               proc.stderr + proc.stdout
+
+
+def test_tuple_fields_parse_every_typed_form():
+    from simpo_jax.config import typed
+    from simpo_jax.data.config import DataConfig
+    from simpo_jax.onpolicy.config import OnPolicyConfig
+
+    for value in [("train,test",), ("(train, test)",), ("['train', 'test']",), ("train", "test")]:
+        assert typed(OnPolicyConfig, "onpolicy", {"splits": value}).splits == ("train", "test")
+    for value in [("512,1024",), ("(512,1024)",), (512, 1024), ("[512, 1024]",)]:
+        assert typed(DataConfig, "data", {"bucket_lengths": value, "max_length": 1024,
+                                          "max_prompt_length": 512}).bucket_lengths == (512, 1024)
+    for value, message in [(("1.5",), "takes whole numbers"), (("()",), "needs at least one value")]:
+        with pytest.raises(ConfigError, match=f"data config field 'bucket_lengths': {message}, e.g. "
+                                              r"--config.data.bucket_lengths=512,1024,2048"):
+            typed(DataConfig, "data", {"bucket_lengths": value})

@@ -310,3 +310,45 @@ def test_with_chat_templates_rows_are_message_lists_scored_in_the_reward_models_
     train.data.chat_template, train.data.tokenizer_path = TEMPLATE, rm
     _, data, _ = load_data(build_run_config(train), verbose=False)
     assert len(data) == len(rows)  # every row read, in the message-list (prompt_messages) format
+
+
+# A template with a default system prompt ("by"), as Qwen2.5's and SmolLM2's have: its text mentions "system",
+# so training's rule inserts an empty system turn, which replaces the default.
+DEFAULT_SYSTEM_TEMPLATE = "{% if messages[0]['role'] != 'system' %}by {% endif %}" + TEMPLATE
+
+
+def test_samples_continue_the_official_rendering_and_training_on_them_keeps_trainings_rules(tmp_path):
+    """With a template that has a default system prompt, the samples continue the official on-policy rendering
+    (the user turn + the generation prompt, the default kept: `format_prompt`), while training reads the rows with
+    its own rules (the empty system turn first), exactly as the official recipe does."""
+    from simpo_jax.build import load_data
+    from simpo_jax.config import build_run_config
+    from simpo_jax.data.builtin import counting_tokenizer
+    from simpo_jax.fixtures.last_token_reward import write_model
+    from simpo_jax.onpolicy.build import build
+
+    reward_tokenizer = counting_tokenizer()
+    reward_tokenizer.chat_template = TEMPLATE
+    rm = write_model(str(tmp_path / "rm"), reward_tokenizer, _values(2))
+    config = _config(tmp_path, rm, **{"generate.max_prompts": 8, "onpolicy.splits": ("test",)})
+    config.data.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    out = tmp_path / "data"
+    build(config, str(out), stage="sample")
+    tok = counting_tokenizer()
+    records = [r for path in sorted((out / "samples" / "test").glob("shard-*.jsonl")) for r in _lines(path)]
+    for record in records:
+        official = tok.apply_chat_template(record["turns"], tokenize=False, add_generation_prompt=True,
+                                           chat_template=DEFAULT_SYSTEM_TEMPLATE)
+        assert record["format_prompt"] == official and official.startswith("by count")
+        ids = tok(official, add_special_tokens=False)["input_ids"]
+        assert record["prompt_tokens"] == len(ids) + (ids[0] != tok.bos_token_id)  # BOS once
+    build(config, str(out))  # score and binarize
+    rows = _lines(out / "test.jsonl")
+    assert rows and all(r["format_prompt"].startswith("by count") for r in rows)
+    train = _config(tmp_path, rm, stage="train")
+    train.data.path, train.data.eval_split = str(out / "test.jsonl"), ""
+    train.data.chat_template, train.data.tokenizer_path = DEFAULT_SYSTEM_TEMPLATE, rm
+    _, data, _ = load_data(build_run_config(train), verbose=False)
+    for example in data:
+        prompt = tok.decode(example["chosen_input_ids"][:example["chosen_prompt_len"]], skip_special_tokens=True)
+        assert prompt.startswith("count on from") and "by count" not in prompt  # the empty system turn, no default

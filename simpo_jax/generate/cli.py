@@ -1,7 +1,8 @@
 """`python -m simpo_jax.generate --config configs/<setting>.py --output samples.jsonl`: sample completions.
 
 One JSON line per sample in the AlpacaEval 2 format (`instruction`, `output`, `generator`) plus `dataset`,
-`prompt_id`, `sample`, `output_tokens`, `finish_reason` (`stop` or `length`) and `prompt_tokens`. A rerun
+`prompt_id`, `sample`, `output_tokens`, `finish_reason` (`stop` or `length`), `prompt_tokens` and `prompt_cut`
+(the prompt was longer than the largest prompt bucket and kept its last tokens; a run counts these). A rerun
 appends only the (prompt_id, sample) pairs the file does not hold yet. On several processes every one runs
 the same batches (the mesh spans them) and process 0 writes.
 """
@@ -26,7 +27,7 @@ from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config
 from simpo_jax.data import load_tokenizer
 from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.errors import check
-from simpo_jax.generate.prompts import Prompt, build_prompts, load_rows
+from simpo_jax.generate.prompts import Prompt, build_prompts, cut_prompts, load_rows
 from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
 from simpo_jax.models.decoder import Decoder
 from simpo_jax.models.hf_import import load_hf
@@ -143,7 +144,7 @@ def build_sampler(rc: RunConfig, model: Decoder, tokenizer: Any, mesh: Any, sour
 
 def generate(config: Any, output: str) -> int:
     """Write the samples missing from `output`; returns how many were written."""
-    rc = build_run_config(config)
+    rc = build_run_config(config, require_data=False)  # prompts may come from generate.prompts alone
     gen = rc.run["generate"]
     distributed.initialize(rc.run["distributed"])
     main = jax.process_index() == 0
@@ -152,6 +153,9 @@ def generate(config: Any, output: str) -> int:
     tokenizer = load_tokenizer_for(rc, source)
     rows, dataset = load_rows(gen, rc.data, rc.run["data_extras"])
     prompts = build_prompts(rows, dataset, gen, rc.data, tokenizer)
+    cut = cut_prompts(prompts, gen, rc.data.max_prompt_length)
+    if cut and main:
+        print(cut, flush=True)
     todo = _todo(prompts, gen.num_samples, output)
     if not todo:
         return 0
@@ -173,7 +177,7 @@ def generate(config: Any, output: str) -> int:
                 line = {"instruction": p.instruction, "output": tokenizer.decode(c.tokens, skip_special_tokens=True),
                         "generator": generator, "dataset": p.dataset, "prompt_id": p.prompt_id, "sample": k,
                         "output_tokens": len(c.tokens), "finish_reason": c.finish_reason,
-                        "prompt_tokens": min(len(p.ids), max(sampler.buckets))}
+                        "prompt_tokens": min(len(p.ids), max(sampler.buckets)), "prompt_cut": c.prompt_truncated}
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
             f.flush()
             written += len(items)

@@ -6,6 +6,7 @@ import dataclasses
 from simpo_jax.errors import check
 
 PROMPT_COLUMNS = ("messages", "prompt", "instruction")  # tried in this order when prompt_column is ""
+PROMPT_RENDERINGS = ("official", "training")  # see simpo_jax/generate/prompts.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +19,9 @@ class GenerateConfig:
     split: str = "test"
     prompt_column: str = ""  # "" = the first of messages / prompt / instruction that the rows have
     apply_chat_template: bool = True  # string prompts become one user turn when there is a chat template
+    # "official": the turns as they are + the generation prompt, as the official on-policy generator renders them
+    # (the template's own default system prompt stays); "training": training's rules (an empty system turn first).
+    prompt_rendering: str = "official"
     max_prompts: int = 0  # 0 = all
     dataset_name: str = ""  # the `dataset` of each line when the rows have none ("" = the source's name)
     # Weights: "" = model.hf_path; else an HF directory, a run's output_dir (its hf/ export, else its latest
@@ -38,6 +42,8 @@ class GenerateConfig:
 
     def validate(self) -> "GenerateConfig":
         """Raise ConfigError naming the first bad field."""
+        check(self.prompt_rendering in PROMPT_RENDERINGS, "generate", "prompt_rendering",
+              f"must be one of {', '.join(PROMPT_RENDERINGS)}, got {self.prompt_rendering!r}")
         check(self.max_new_tokens >= 1, "generate", "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.temperature >= 0, "generate", "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         check(self.top_k >= 0, "generate", "top_k", f"must be >= 0 (0 = off), got {self.top_k}")

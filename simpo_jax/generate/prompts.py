@@ -1,15 +1,21 @@
-"""Prompts for generation: rows from a file, dataset or the run's data, rendered and tokenized as in training.
+"""Prompts for generation: rows from a file, dataset or the run's data, rendered and tokenized.
 
-Message lists are rendered with the training chat template (`data.chat_template` or the tokenizer's) plus the
-generation prompt, with training's empty-system-turn rule (dropped again for a template that refuses system
-turns, as Gemma-2's does); a trailing assistant turn is dropped (it is what is generated). String prompts
-become one user turn when there is a template (`generate.apply_chat_template`), else are used as they are.
-Token ids: no special tokens added by the tokenizer, BOS prepended unless present (training's rule for prompts).
+Rendering (`generate.prompt_rendering`):
+- `official` (the default): the prompt's turns as they are plus the generation prompt, as the official on-policy
+  generator renders them (princeton-nlp/SimPO `on_policy_data_gen/decode.py`:
+  `apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)`), and as transformers,
+  vLLM and AlpacaEval users do: a template's own default system prompt (SmolLM2's, Qwen2.5's) stays.
+- `training`: training's rules (simpo_jax/data/formats.py): an empty system turn goes first when
+  `data.auto_insert_empty_system_msg` and the template mentions "system" or "<|im_start|>", dropped again for a
+  template that refuses system turns (Gemma-2's).
+The template is `data.chat_template` or the tokenizer's. A trailing assistant turn is dropped (it is what is
+generated). String prompts become one user turn when there is a template (`generate.apply_chat_template`), else
+are used as they are. Token ids: no special tokens added by the tokenizer, BOS prepended unless present
+(training's rule for prompts).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any, NamedTuple
 
 from jinja2 import TemplateError
@@ -23,12 +29,14 @@ from simpo_jax.generate.config import PROMPT_COLUMNS, GenerateConfig
 
 
 class Prompt(NamedTuple):
-    """One prompt: its id, the instruction text written to the output, its dataset name and token ids."""
+    """One prompt: its id, the instruction text written to the output, its dataset name, token ids and the
+    rendered text they were tokenized from."""
 
     prompt_id: str
     instruction: str
     dataset: str
     ids: list[int]
+    text: str = ""
 
 
 def load_rows(gen: GenerateConfig, data: DataConfig, extras: dict,
@@ -73,7 +81,7 @@ def prompt_column(row: dict, gen: GenerateConfig) -> str:
 
 
 def render(row: dict, column: str, gen: GenerateConfig, data: DataConfig, tokenizer: Any) -> tuple[str, str]:
-    """(text to tokenize, instruction) of one row."""
+    """(text to tokenize, instruction) of one row, rendered by `gen.prompt_rendering`."""
     value = row[column]
     template = resolve_template(data)
     effective = template if template is not None else (tokenizer.chat_template or "")
@@ -87,17 +95,17 @@ def render(row: dict, column: str, gen: GenerateConfig, data: DataConfig, tokeni
     check(bool(messages), "generate", "prompt_column", f"column {column!r} has a row without a user turn")
     users = [m["content"] for m in messages if m["role"] == "user"]
     instruction = row.get("instruction", users[-1] if users else messages[-1]["content"])
-    inserted = insert_empty_system(messages, data, effective)
+    as_given = list(messages)
+    inserted = gen.prompt_rendering == "training" and insert_empty_system(messages, data, effective)
     try:
-        text = _apply(tokenizer, messages, template)
+        return _apply(tokenizer, messages, template), instruction
     except TemplateError as e:
         if not inserted:
             raise UserError(f"the chat template cannot render a prompt with roles {[m['role'] for m in messages]}: "
                             f"{e} (set data.chat_template)") from e
-        # A template that refuses system turns (Gemma-2's) gets the prompt without the empty one, as the official
-        # on-policy generator renders it.
-        text = render(row, column, gen, replace(data, auto_insert_empty_system_msg=False), tokenizer)[0]
-    return text, instruction
+    # A template that refuses system turns (Gemma-2's) gets the prompt without the empty one, as the official
+    # on-policy generator renders it.
+    return _apply(tokenizer, as_given, template), instruction
 
 
 def _apply(tokenizer: Any, messages: list[dict], template: str | None) -> str:
@@ -118,9 +126,26 @@ def build_prompts(rows: list[dict], dataset: str, gen: GenerateConfig, data: Dat
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     out = []
-    for (prompt_id, instruction, name), ids in zip(prompts, encoded):
+    for (prompt_id, instruction, name), ids, text in zip(prompts, encoded, texts):
         ids = list(ids)
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
-        out.append(Prompt(prompt_id, instruction, name, ids))
+        out.append(Prompt(prompt_id, instruction, name, ids, text))
     return out
+
+
+def cut_prompts(prompts: list[Prompt], gen: GenerateConfig, data_max_prompt_length: int, what: str = "prompts") -> str:
+    """One line counting the prompts longer than the largest prompt bucket ("" when none is): they keep their last
+    tokens, which changes the answer, so the line names the field to raise."""
+    longest = max(gen.buckets(data_max_prompt_length))
+    cut = sum(len(p.ids) > longest for p in prompts)
+    if not cut:
+        return ""
+    if gen.prompt_buckets is not None:
+        field = "generate.prompt_buckets (its largest bucket)"
+    elif gen.max_prompt_length:
+        field = "generate.max_prompt_length"
+    else:
+        field = f"generate.max_prompt_length (0: data.max_prompt_length, {data_max_prompt_length})"
+    return (f"warning: {cut} of {len(prompts)} {what} are longer than {longest} tokens and keep only their last "
+            f"{longest}; raise {field} to keep them whole")

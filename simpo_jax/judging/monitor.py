@@ -1,12 +1,13 @@
 """Greedy answers to held-out prompts during training, their metrics, and a final judgement against the initial model.
 
 train.run builds a `GenerationMonitor` when `train.generate_every` > 0. The prompts are the first
-`train.generate_prompts` rows of the run's held-out split (the built-in task's included), rendered as training
-renders prompts (simpo_jax/generate/prompts.py). Answers are greedy, at most `train.generate_max_new_tokens`
-tokens, sampled on the training mesh with the current params (no copy); every process runs the sampler (SPMD)
-and process 0 writes. The generate section's prompt_column, apply_chat_template, batch_size, max_prompt_length
-and prompt_buckets apply (its prompt source and sampling settings do not). The reward model, when set, is
-loaded at its first use and kept on the mesh for the rest of the run.
+`train.generate_prompts` rows of the run's held-out split (the built-in task's included), rendered as
+`python -m simpo_jax.generate` renders them (`generate.prompt_rendering`, simpo_jax/generate/prompts.py).
+Answers are greedy, at most `train.generate_max_new_tokens` tokens, sampled on the training mesh with the
+current params (no copy); every process runs the sampler (SPMD) and process 0 writes. The generate section's
+prompt_column, apply_chat_template, prompt_rendering, batch_size, max_prompt_length and prompt_buckets apply
+(its prompt source and sampling settings do not). The reward model, when set, is loaded at its first use and
+kept on the mesh for the rest of the run.
 
 Files: `<output_dir>/samples/step_<n>.jsonl`, one JSON line per prompt: `prompt_id`, `prompt` (the instruction
 text), `answer` (decoded, special tokens skipped), `tokens` (answer tokens, EOS excluded), `stopped` (ended with
@@ -35,7 +36,7 @@ from flax import nnx
 from simpo_jax.distributed import broadcast_text
 from simpo_jax.errors import check
 from simpo_jax.generate.config import PROMPT_COLUMNS
-from simpo_jax.generate.prompts import build_prompts, load_rows
+from simpo_jax.generate.prompts import build_prompts, cut_prompts, load_rows
 from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
 from simpo_jax.judging.counting import counting_accuracy, counting_correct
@@ -82,6 +83,9 @@ class GenerationMonitor:
         rows, name = held_out_rows(rc, gen)
         check(bool(rows), "train", "generate_prompts", "the held-out split has no rows")
         self.prompts = build_prompts(rows, name, gen, rc.data, tokenizer)
+        cut = cut_prompts(self.prompts, gen, rc.data.max_prompt_length, "held-out prompts")
+        if cut and self.main:
+            print(cut, flush=True)
         column = gen.prompt_column or next(c for c in PROMPT_COLUMNS if c in rows[0])
         self.judge_prompts = [_judge_prompt(row[column]) for row in rows]
         model = nnx.merge(graphdef, params)  # on the training params (no copy); each call swaps in the current ones

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from simpo_jax.cli_values import split_names
 from simpo_jax.errors import ConfigError, check
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma2", "qwen2", "qwen3")
@@ -49,8 +50,7 @@ class LoraConfig:
 
 def normalize_targets(targets: Any) -> tuple[str, ...]:
     """Target module names in layer order: full names, short ones (`q`, `gate`) or `all-linear`."""
-    names = [n.strip() for t in ([targets] if isinstance(targets, str) else targets) for n in str(t).split(",")]
-    names = [n for n in names if n]
+    names = split_names(targets)
     if names in (["all-linear"], ["all"]):
         return LORA_TARGETS
     full = {t if t.endswith("_proj") else f"{t}_proj" for t in names}

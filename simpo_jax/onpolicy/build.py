@@ -27,6 +27,7 @@ from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.errors import UserError, check
 from simpo_jax.generate.cli import build_sampler, load_model, load_tokenizer_for, model_source, prompt_key
 from simpo_jax.generate.config import GenerateConfig
+from simpo_jax.generate.prompts import cut_prompts
 from simpo_jax.onpolicy.choose import binarize
 from simpo_jax.onpolicy.config import SAMPLING
 from simpo_jax.onpolicy.files import (check_manifest, from_main, read_lines, remove_partial_files, shard_path,
@@ -99,7 +100,8 @@ def settings(rc: Any, source: str, stage: str, fingerprints: dict[str, str]) -> 
         "model:preset": (rc.model.get("preset") or "") if random_init else "",
         "train:seed": int(rc.run["train"]["seed"]) if random_init else -1,
         "model:dtype": rc.model.get("dtype"), "model:param_dtype": rc.model.get("param_dtype"),
-        "generate:prompts": gen.prompts, "data:builtin": extras.get("builtin") or "",
+        "generate:prompts": gen.prompts, "generate:prompt_rendering": gen.prompt_rendering,
+        "data:builtin": extras.get("builtin") or "",
         "data:path": rc.data.path if not (gen.prompts or extras.get("builtin")) else "",
         "generate:prompt_column": gen.prompt_column, "generate:max_prompts": gen.max_prompts,
         "generate:seed": gen.seed, "generate:prompt_buckets": list(gen.buckets(rc.data.max_prompt_length)),
@@ -117,7 +119,7 @@ class Builder:
 
     def __init__(self, config: Any, output: str, stage: str = "all", progress: bool | None = None):
         check(stage in STAGES, "onpolicy", "stage", f"must be one of {', '.join(STAGES)}, got {stage!r}")
-        self.rc, self.output, self.stage = build_run_config(config), output, stage
+        self.rc, self.output, self.stage = build_run_config(config, require_data=False), output, stage
         self.op, self.judge_cfg = self.rc.run["onpolicy"], self.rc.run["judge"]
         self.gen = self.rc.run["generate"] = sampling_config(self.rc.run["generate"], self.op)
         check(stage == "sample" or bool(self.judge_cfg["reward_model"]), "judge", "reward_model",
@@ -170,6 +172,9 @@ class Builder:
                                          len(self.op.splits))
             prompts, repeats = build_split_prompts(rows, name, self.gen, self.rc.data, self.tokenizer,
                                                    self.has_template)
+            cut = cut_prompts(prompts, self.gen, self.rc.data.max_prompt_length, f"{split} prompts")
+            if cut and self.main:
+                print(cut, flush=True)
             ids = {p.prompt_id for p in prompts}
             size = self.op.shard_prompts
             shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
@@ -257,7 +262,7 @@ class Builder:
                 samples.append({"seed": int(seed), "text": answer_text(self.tokenizer, p.ids, c.tokens, prompt_text),
                                 "tokens": len(c.tokens), "finish_reason": c.finish_reason})
             records.append({"prompt_id": p.prompt_id, "instruction": p.instruction, "turns": p.turns,
-                            "text": p.text, "prompt_tokens": len(p.ids), "prompt_cut": len(p.ids) > longest,
+                            "text": p.text, "format_prompt": p.rendered, "prompt_tokens": len(p.ids), "prompt_cut": len(p.ids) > longest,
                             "samples": samples})
         return records
 

@@ -42,7 +42,8 @@ def preference_row(prompt: dict, min_score_gap: float = 0.0) -> dict | str:
         chosen = turns + [{"role": "assistant", "content": texts[best]}]
         rejected = turns + [{"role": "assistant", "content": texts[worst]}]
         text = prompt["instruction"]
-    return {"prompt_id": prompt["prompt_id"], "prompt": text, "chosen": chosen, "rejected": rejected,
+    return {"prompt_id": prompt["prompt_id"], "prompt": text, "format_prompt": prompt.get("format_prompt", ""),
+            "chosen": chosen, "rejected": rejected,
             "score_chosen": scores[best], "score_rejected": scores[worst],
             "seed_chosen": samples[best]["seed"], "seed_rejected": samples[worst]["seed"],
             "tokens_chosen": samples[best]["tokens"], "tokens_rejected": samples[worst]["tokens"],

@@ -79,7 +79,8 @@ def check_manifest(output: str, settings: dict[str, Any]) -> dict[str, Any]:
         section, name = key.split(":", 1)
         if section == "prompts":
             raise UserError(f"the prompts of split {name!r} are not those {output} was built from (the prompt source, "
-                            "the chat template or the tokenizer changed): use another --output")
+                            "the chat template, generate.prompt_rendering or the tokenizer changed): use another "
+                            "--output")
         raise ConfigError(f"{section} config field {name!r}: {output} holds on-policy data made with "
                           f"{recorded[key]!r}, this run asks for {value!r} (use another --output, or the same setting)")
     return {**recorded, **{k: v for k, v in settings.items() if v is not None}}

@@ -3,8 +3,9 @@
 A row's id is its `prompt_id` column, else the SHA-256 of its prompt (UltraFeedback's convention for a string
 prompt; the JSON of the turns for a message list). Rows repeating an id are left out and counted, as the
 official pipeline keeps each distinct prompt once. Rendering and token ids are those of `python -m
-simpo_jax.generate` (training's chat template, empty-system-turn and BOS rules): message lists always go
-through the chat template, strings only with `generate.apply_chat_template` and a template.
+simpo_jax.generate` (`generate.prompt_rendering`: by default the official on-policy generator's, the turns as
+they are plus the generation prompt; BOS once): message lists always go through the chat template, strings
+only with `generate.apply_chat_template` and a template.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class OnPolicyPrompt(NamedTuple):
     turns: list[dict] | None
     text: str  # the prompt as written to a strings-format row (no chat template)
     ids: list[int]
+    rendered: str = ""  # the text the samples continue (the official data's `format_prompt`)
 
 
 def prompt_hash(value: Any) -> str:
@@ -68,7 +70,7 @@ def build_split_prompts(rows: list[dict], name: str, gen: Any, data: Any, tokeni
         value = row[column]
         templated = not isinstance(value, str) or (gen.apply_chat_template and has_template)
         out.append(OnPolicyPrompt(p.prompt_id, p.instruction, prompt_turns(value) if templated else None,
-                                  value if isinstance(value, str) else "", p.ids))
+                                  value if isinstance(value, str) else "", p.ids, p.text))
     return out, repeats
 
 
