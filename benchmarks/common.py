@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -162,6 +163,49 @@ def machine() -> str:
 def load_average() -> float:
     """The 1-minute load average."""
     return os.getloadavg()[0]
+
+
+def wait_quiet(max_load: float, seconds: float) -> None:
+    """Poll the 1-minute load average every 30 s until two polls in a row are below `max_load` (at most
+    `seconds`; then it goes on and says so)."""
+    end, quiet = time.time() + seconds, 0
+    while time.time() < end:
+        quiet = quiet + 1 if load_average() < max_load else 0
+        if quiet == 2:
+            return
+        print(f"load {load_average():.2f} (quiet below {max_load}): waiting", file=sys.stderr, flush=True)
+        time.sleep(30)
+    print(f"the machine did not become quiet in {seconds:.0f} s: measuring anyway", file=sys.stderr, flush=True)
+
+
+class Disturbance:
+    """How much other processes used the CPUs between `start()` and `stop()`: the 1-minute load average at both
+    ends and the average number of cores used by everything but this process and its finished children."""
+
+    def start(self) -> "Disturbance":
+        self.load_start, self.wall = load_average(), time.time()
+        self.busy, self.own = busy_cpu_seconds(), own_cpu_seconds()
+        return self
+
+    def stop(self) -> "Disturbance":
+        self.load_end = load_average()
+        seconds = max(time.time() - self.wall, 1e-9)
+        self.foreign_cores = ((busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)) / seconds
+        return self
+
+    def noisy(self, max_load: float, max_foreign_cores: float = 0.25) -> str:
+        """Why the run is not a result ("" when it was quiet)."""
+        reasons = []
+        if self.load_start >= max_load:
+            reasons.append(f"1-minute load average {self.load_start:.2f} at the start (quiet: below {max_load})")
+        if self.foreign_cores > max_foreign_cores:
+            reasons.append(f"other processes used {self.foreign_cores:.2f} cores on average during it (quiet: at "
+                           f"most {max_foreign_cores})")
+        return "; ".join(reasons)
+
+    def describe(self) -> str:
+        return (f"1-minute load average {self.load_start:.2f} before, {self.load_end:.2f} after; other processes "
+                f"used {self.foreign_cores:.2f} cores on average during the run")
 
 
 def busy_cpu_seconds() -> float:

@@ -28,7 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (SIZES, Size, busy_cpu_seconds, load_average, machine, markdown_table,  # noqa: E402
+from common import (SIZES, Size, busy_cpu_seconds, load_average, machine, markdown_table, wait_quiet,  # noqa: E402
                     own_cpu_seconds, train_flops, train_flops_per_token)
 from workers import LOGPROB_CHUNK  # noqa: E402
 
@@ -64,19 +64,6 @@ def worker(name: str, quick: bool, *extra: str) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] {name} {' '.join(extra[1:] if name == 'jax' else ())}: {shown}",
           file=sys.stderr, flush=True)
     return result
-
-
-def wait_quiet(max_load: float, seconds: float) -> None:
-    """Poll the 1-minute load average every 30 s until two polls in a row are below `max_load` (at most
-    `seconds`; then it goes on and says so)."""
-    end, quiet = time.time() + seconds, 0
-    while time.time() < end:
-        quiet = quiet + 1 if load_average() < max_load else 0
-        if quiet == 2:
-            return
-        print(f"load {load_average():.2f} (quiet below {max_load}): waiting", file=sys.stderr, flush=True)
-        time.sleep(30)
-    print(f"the machine did not become quiet in {seconds:.0f} s: measuring anyway", file=sys.stderr, flush=True)
 
 
 def measure(quick: bool) -> dict:

@@ -42,23 +42,48 @@ def hf_greedy(model, prompt, new=NEW, eos=None):
     return out[:out.index(eos)] if eos is not None and eos in out else out
 
 
-def sampler(path, batch_size=4, buckets=(16, 32), eos=(), new=NEW, bos=None, **model_kw):
+def sampler(path, batch_size=4, buckets=(16, 32), eos=(), new=NEW, bos=None, unstack=None, **model_kw):
     model = load_hf(path, dtype="float32", **model_kw)
     return Sampler(model, SamplingParams(max_new_tokens=new), batch_size=batch_size, buckets=buckets,
-                   eos_ids=eos, pad_id=0, bos_id=bos)
+                   eos_ids=eos, pad_id=0, bos_id=bos, unstack_layers=unstack)
 
 
-# Unscanned layers: gemma2 (per-layer windows); an explicit head_dim: qwen3 (24, not 64 / 4).
-@pytest.mark.parametrize("variant,scan", [("llama3", True), ("llama31", True), ("mistral_v01", True),
-                                          ("llama32_tied", True), ("gemma2", True), ("gemma2", False),
-                                          ("qwen2", True), ("qwen3", True)])
-def test_greedy_matches_transformers(models, variant, scan):
+# Layers: "stacked" scans the stacked weights in the decode loop (TPUs' and GPUs' default), "unstacked" slices them
+# into separate layers first (CPU's default), "unscanned" loads them separate. gemma2: per-layer windows; an
+# explicit head_dim: qwen3 (24, not 64 / 4).
+@pytest.mark.parametrize("variant,layers", [("llama3", "stacked"), ("llama3", "unstacked"), ("llama31", "stacked"),
+                                            ("mistral_v01", "stacked"), ("mistral_v01", "unstacked"),
+                                            ("llama32_tied", "stacked"), ("gemma2", "stacked"),
+                                            ("gemma2", "unstacked"), ("gemma2", "unscanned"), ("qwen2", "stacked"),
+                                            ("qwen3", "unstacked")])
+def test_greedy_matches_transformers(models, variant, layers):
     path, ref = models(variant)
     ps = prompts()
-    out = sampler(path, scan_layers=scan).generate(ps)
+    s = sampler(path, scan_layers=layers != "unscanned", unstack=layers == "unstacked")
+    assert s.cfg.scan_layers == (layers == "stacked")
+    out = s.generate(ps)
     for p, o in zip(ps, out):
         assert o.finish_reason == "length" and len(o.tokens) == NEW
         assert o.tokens == hf_greedy(ref, p), (variant, len(p))
+
+
+def test_cpu_samples_scanned_models_with_unstacked_layers(models):
+    """On CPU a scanned model is sampled layer by layer by default (XLA:CPU would copy a stacked weight's slice at
+    every use); the params given to `use_state` (the training monitor's) are unstacked too."""
+    import jax
+
+    path, _ = models("llama3")
+    model = load_hf(path, dtype="float32")
+    default = Sampler(model, SamplingParams(max_new_tokens=8), batch_size=2, buckets=(16,), eos_ids=(), pad_id=0)
+    stacked = Sampler(model, SamplingParams(max_new_tokens=8), batch_size=2, buckets=(16,), eos_ids=(), pad_id=0,
+                      unstack_layers=False)
+    assert jax.default_backend() == "cpu" and not default.cfg.scan_layers and stacked.cfg.scan_layers
+    ps = prompts((5, 9))
+    want = stacked.generate(ps)
+    default.use_state(stacked.state)
+    assert default.generate(ps) == want
+    assert default.state["layers"][0]["mlp"]["gate_proj"][...].shape == \
+        stacked.state["layers"]["mlp"]["gate_proj"][...].shape[1:]
 
 
 @pytest.mark.parametrize("variant,field,value", [("llama31", "rope_scaling", None),
@@ -89,9 +114,9 @@ def test_eos_stops_a_row_and_pads_it(models):
     # Raw rows: after the EOS a stopped row holds only padding.
     ids, pad, _ = s.prepare(ps)
     import jax.numpy as jnp
-    cache, first = s._prefill(s.state, jnp.asarray(ids), jnp.asarray(pad), jnp.arange(4, dtype=jnp.uint32),
+    cache, first = s.prefill(s.state, jnp.asarray(ids), jnp.asarray(pad), jnp.arange(4, dtype=jnp.uint32),
                               jnp.zeros(4, jnp.uint32))
-    raw = np.asarray(s._decode(s.state, cache, first, jnp.asarray(pad), jnp.arange(4, dtype=jnp.uint32),
+    raw = np.asarray(s.decode(s.state, cache, first, jnp.asarray(pad), jnp.arange(4, dtype=jnp.uint32),
                                jnp.zeros(4, jnp.uint32), ids.shape[1])[0])
     stop = raw[1].tolist().index(eos)
     assert (raw[1, stop + 1:] == 0).all()

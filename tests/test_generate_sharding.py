@@ -32,7 +32,7 @@ def test_mesh_samples_equal_one_device(tmp_path, variant):
     # The cache: batch over data x fsdp, KV heads over tensor.
     ids, pad, _ = sharded.prepare(ps)
     args = [sharded._place(a) for a in (ids, pad, jnp.zeros(8, jnp.uint32), jnp.zeros(8, jnp.uint32))]
-    cache, _ = sharded._prefill(sharded.state, *args)
+    cache, _ = sharded.prefill(sharded.state, *args)
     assert tuple(cache.k.sharding.spec)[:3] == (None, ("data", "fsdp"), "tensor")
     assert len(jax.devices()) == 8
 

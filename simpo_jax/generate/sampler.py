@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from simpo_jax.generate.cache import cached_forward, init_cache
-from simpo_jax.models.decoder import Decoder
+from simpo_jax.models.decoder import Decoder, unscanned
 from simpo_jax.sharding import activation_sharding, batch_sharding, data_parallel_size, state_shardings
 
 
@@ -129,7 +129,15 @@ class Sampler:
     """Samples from a Decoder (on a mesh when given, with the training sharding rules) in fixed-size batches."""
 
     def __init__(self, model: Decoder, params: SamplingParams, *, batch_size: int, buckets: Sequence[int],
-                 eos_ids: Sequence[int], pad_id: int, bos_id: int | None = None, mesh: Mesh | None = None):
+                 eos_ids: Sequence[int], pad_id: int, bos_id: int | None = None, mesh: Mesh | None = None,
+                 unstack_layers: bool | None = None):
+        # Scanned layers are sampled as separate modules (`unstack_layers`; by default on CPU): XLA:CPU copies a
+        # stacked weight's slice at each use, so a scanned decode step would read every weight three times. The
+        # conversion is a copy of the layers' weights; TPUs and GPUs read a stacked slice in place.
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        self.unstack = model.cfg.scan_layers and (platform == "cpu" if unstack_layers is None else unstack_layers)
+        self.source_graphdef = nnx.graphdef(model)
+        model = unscanned(model) if self.unstack else model
         self.cfg, self.params, self.mesh = model.cfg, params, mesh
         self.graphdef, state = nnx.split(model)
         self.buckets, self.eos_ids = tuple(sorted(buckets)), tuple(int(e) for e in eos_ids)
@@ -141,9 +149,16 @@ class Sampler:
         self.state = state
         # Tokens come back replicated (every process reads all rows); the cache keeps its sharding.
         tokens = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-        self._prefill = jax.jit(self._prefill_fn, out_shardings=(None, tokens))  # -> (cache, first tokens)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnums=(6,),
-                               out_shardings=(tokens, None))  # -> (tokens [batch, max_new], cache)
+        self.prefill = jax.jit(self._prefill_fn, out_shardings=(None, tokens))  # -> (cache, first tokens)
+        self.decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnums=(6,),
+                              out_shardings=(tokens, None))  # -> (tokens [batch, max_new], cache)
+
+    def use_state(self, state: Any) -> None:
+        """Sample with `state`, the params of the model the sampler was built from (scanned ones are unstacked:
+        a copy); None releases them."""
+        if state is not None and self.unstack:
+            state = nnx.state(unscanned(nnx.merge(self.source_graphdef, state)))
+        self.state = state
 
     def _context(self):
         return activation_sharding(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -218,8 +233,8 @@ class Sampler:
         pkeys = np.asarray(list(prompt_keys) + [0] * fill, np.uint32)
         sids = np.asarray(list(sample_ids) + [0] * fill, np.uint32)
         args = [self._place(a) for a in (ids, pad, pkeys, sids)]
-        cache, first = self._prefill(self.state, *args)
-        out, _ = self._decode(self.state, cache, first, args[1], args[2], args[3], ids.shape[1])
+        cache, first = self.prefill(self.state, *args)
+        out, _ = self.decode(self.state, cache, first, args[1], args[2], args[3], ids.shape[1])
         out = np.asarray(jax.device_get(out))
         return [self._completion(out[i], cut[i]) for i in range(count)]
 

@@ -95,18 +95,18 @@ class GenerationMonitor:
                                eos_ids=stop_ids(tokenizer, model.cfg, template=resolve_template(rc.data)),
                                pad_id=tokenizer.pad_token_id,
                                bos_id=tokenizer.bos_token_id, mesh=mesh)
-        self.sampler.state = None
+        self.sampler.use_state(None)
         self.initial_rows: list[dict] | None = None
         self._last: list[dict] = []
 
     # Generation and judging.
     def _answers(self, params: Any) -> tuple[list[dict], list[list[int]]]:
         """Greedy answers (finished and on the host before returning: the next train step may donate params)."""
-        self.sampler.state = params
+        self.sampler.use_state(params)
         try:
             completions = self.sampler.generate([p.ids for p in self.prompts])
         finally:
-            self.sampler.state = None
+            self.sampler.use_state(None)
         rows = [{"prompt_id": p.prompt_id, "prompt": p.instruction,
                  "answer": self.tokenizer.decode(c.tokens, skip_special_tokens=True), "tokens": len(c.tokens),
                  "stopped": c.finish_reason == "stop"} for p, c in zip(self.prompts, completions)]

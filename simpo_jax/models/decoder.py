@@ -158,6 +158,23 @@ class Decoder(nnx.Module):
         return softcap(logits, self.cfg.final_logit_softcap)
 
 
+def unscanned(model: Decoder) -> Decoder:
+    """The same decoder with its layers as separate modules (`scan_layers=False`): each stacked weight is sliced
+    once, a copy. Variables keep their logical axes (without `layers`)."""
+    if not model.cfg.scan_layers:
+        return model
+    cfg = model.cfg.replace(scan_layers=False)
+    graphdef, target = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+    source = dict(nnx.to_flat_state(nnx.state(model)))
+    flat = []
+    for path, var in nnx.to_flat_state(target):
+        if path[0] == "layers":  # ("layers", i, ...) <- slice i of ("layers", ...)
+            flat.append((path, var.replace(value=source[("layers",) + path[2:]][...][path[1]])))
+        else:
+            flat.append((path, source[path]))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
     """A randomly initialised decoder (normal(0.02) weights, identity norms) on the default device."""
     return Decoder(cfg, nnx.Rngs(params=seed))

@@ -100,7 +100,9 @@ class Attention(nnx.Module):
     def output(self, out: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Attention output `[tokens, heads, head_dim]` -> `[tokens, embed]` (with o_proj's LoRA adapter)."""
         dt = self.cfg.compute_dtype
-        result = jnp.einsum("tnh,nhd->td", out, self.o_proj[...].astype(dt))
+        # Contracted as (heads, head_dim) in storage order: jnp.einsum would order them (head_dim, heads), which
+        # XLA:CPU serves by transposing the whole weight at every call (a decode step's largest copy).
+        result = jax.lax.dot_general(out, self.o_proj[...].astype(dt), (((1, 2), (0, 1)), ((), ())))
         lora = adapter_term(self, "o_proj", out, dt, key)
         return checkpoint_name(result if lora is None else result + lora, "out_proj")
 
