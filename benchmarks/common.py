@@ -190,7 +190,8 @@ class Disturbance:
     def stop(self) -> "Disturbance":
         self.load_end = load_average()
         seconds = max(time.time() - self.wall, 1e-9)
-        self.foreign_cores = ((busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)) / seconds
+        foreign = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)  # clock ticks: can dip below 0
+        self.foreign_cores = max(foreign, 0.0) / seconds
         return self
 
     def noisy(self, max_load: float, max_foreign_cores: float = 0.25) -> str:
