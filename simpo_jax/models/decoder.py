@@ -166,12 +166,17 @@ def unscanned(model: Decoder) -> Decoder:
     cfg = model.cfg.replace(scan_layers=False)
     graphdef, target = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
     source = dict(nnx.to_flat_state(nnx.state(model)))
-    flat = []
+    flat, used = [], set()
     for path, var in nnx.to_flat_state(target):
         if path[0] == "layers":  # ("layers", i, ...) <- slice i of ("layers", ...)
+            used.add(("layers",) + path[2:])
             flat.append((path, var.replace(value=source[("layers",) + path[2:]][...][path[1]])))
         else:
+            used.add(path)
             flat.append((path, source[path]))
+    left = sorted(set(source) - used, key=str)
+    if left:  # a variable the config does not describe (never dropped silently)
+        raise ValueError(f"cannot unstack the layers: {left[0]} has no place in the unscanned model")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
