@@ -189,9 +189,10 @@ class Disturbance:
 
     def stop(self) -> "Disturbance":
         self.load_end = load_average()
-        seconds = max(time.time() - self.wall, 1e-9)
-        foreign = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)  # clock ticks: can dip below 0
-        self.foreign_cores = max(foreign, 0.0) / seconds
+        self.seconds = max(time.time() - self.wall, 1e-9)
+        # CPU seconds of everything else; counted in clock ticks, so it can dip below 0 on a quiet machine.
+        self.foreign_cpu_s = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)
+        self.foreign_cores = max(self.foreign_cpu_s, 0.0) / self.seconds
         return self
 
     def noisy(self, max_load: float, max_foreign_cores: float = 0.25) -> str:

@@ -116,23 +116,26 @@ def torch_decode(model, ids: np.ndarray, new: int) -> tuple[float, list]:
     return full - timed(1)[0], out[:, ids.shape[1]:].tolist()
 
 
-def _decode_args(ids: np.ndarray) -> list:
+def prefilled(sampler, ids: np.ndarray) -> tuple[list, object, object]:
+    """The decode loop's arguments after the prefill of `ids` (no padding, keys 0): (args, cache, first tokens)."""
+    import jax
     import jax.numpy as jnp
 
     batch = ids.shape[0]
-    return [jnp.asarray(a) for a in (ids.astype(np.int32), np.zeros(batch, np.int32), np.zeros(batch, np.uint32),
+    args = [jnp.asarray(a) for a in (ids.astype(np.int32), np.zeros(batch, np.int32), np.zeros(batch, np.uint32),
                                      np.zeros(batch, np.uint32))]
+    cache, first = jax.block_until_ready(sampler.prefill(sampler.state, *args))
+    return args, cache, first
 
 
-def jax_decode(sampler, ids: np.ndarray) -> tuple[float, list, int]:
-    """Seconds of one call of our decode loop alone (after its prefill), its tokens and the cache length."""
+def jax_decode(sampler, ids: np.ndarray) -> tuple[float, list]:
+    """Seconds of one call of our decode loop alone (after its prefill) and its tokens."""
     import jax
 
-    args = _decode_args(ids)
-    cache, first = jax.block_until_ready(sampler.prefill(sampler.state, *args))
+    args, cache, first = prefilled(sampler, ids)
     start = time.perf_counter()
     out = jax.block_until_ready(sampler.decode(sampler.state, cache, first, *args[1:], ids.shape[1])[0])
-    return time.perf_counter() - start, np.asarray(out).tolist(), cache.k.shape[3]
+    return time.perf_counter() - start, np.asarray(out).tolist()
 
 
 def timed_round_robin(runs: dict, repeats: int) -> dict:
@@ -151,8 +154,7 @@ def profile_decode(sampler, ids: np.ndarray) -> dict[str, float]:
     own overhead included, so only the shares are comparable with the timed runs)."""
     import jax
 
-    args = _decode_args(ids)
-    cache, first = jax.block_until_ready(sampler.prefill(sampler.state, *args))
+    args, cache, first = prefilled(sampler, ids)
     compiled = sampler.decode.lower(sampler.state, cache, first, *args[1:], ids.shape[1]).compile().as_text()
     head = set(re.findall(rf"%([\w.-]+) = f32\[{ids.shape[0]},{sampler.cfg.vocab_size}\]\{{[^}}]*\}} "
                           r"(?:dot|fusion)\(", compiled))
@@ -204,14 +206,14 @@ def measure(size: Size, profile: bool) -> dict:
         samplers = {layers: Sampler(model, SamplingParams(max_new_tokens=new), batch_size=batch,
                                     buckets=(size.prompt,), eos_ids=(), pad_id=0, unstack_layers=unstack)
                     for layers, unstack in (("unstacked", None), ("stacked", False))}
-        runs = {name: (lambda s=s: jax_decode(s, ids)[:2]) for name, s in samplers.items()}
+        runs = {name: (lambda s=s: jax_decode(s, ids)) for name, s in samplers.items()}
         runs["torch"] = lambda: torch_decode(ref, ids, new)
         row = {}
         for name, (seconds, tokens) in timed_round_robin(runs, size.steps).items():
             row[name], row[f"{name}_tokens"] = seconds, tokens
         if profile:
             res["profile"][batch] = profile_decode(samplers["unstacked"], ids)
-        cache_len = jax_decode(samplers["unstacked"], ids)[2]
+        cache_len = prefilled(samplers["unstacked"], ids)[1].k.shape[3]
         del samplers, runs
         cache_bytes = 2 * 4 * cfg.num_layers * batch * cfg.num_kv_heads * cache_len * cfg.head_dim
         row["bytes"], row["cache_len"] = weight_bytes + cache_bytes, cache_len
@@ -246,7 +248,8 @@ def report(res: dict, size: Size, command: str, disturbance: Disturbance, max_lo
            f"**Noisy run, not a result**: {noise}." if noise else "Quiet run.", "",
            f"{size.hidden} hidden, {size.layers} layers, {size.heads} heads ({size.kv_heads} KV), MLP {size.mlp}, "
            f"vocab {size.vocab}; fp32, greedy; prompts of {size.prompt} tokens, {new} new tokens ({new - 1} decode "
-           f"steps), cache {rows[1]['cache_len']} positions; best of {size.steps} runs, the three decoders taking turns.", "",
+           f"steps), cache {rows[1]['cache_len']} positions; best of {size.steps} runs, the three decoders taking "
+           "turns.", "",
            markdown_table(["batch", "transformers decode tok/s", "simpo_jax decode tok/s", "speed-up",
                            "step ms, stacked layers", "step ms", "read floor ms", "matmul floor ms",
                            "step / read floor", "step / matmul floor", "same greedy tokens"], table), "",

@@ -28,8 +28,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (SIZES, Size, busy_cpu_seconds, load_average, machine, markdown_table, wait_quiet,  # noqa: E402
-                    own_cpu_seconds, train_flops, train_flops_per_token)
+from common import (SIZES, Disturbance, Size, machine, markdown_table, train_flops,  # noqa: E402
+                    train_flops_per_token, wait_quiet)
 from workers import LOGPROB_CHUNK  # noqa: E402
 
 # Analytic floor of the SimPO / DPO(online reference) step-time ratio: a forward costs 1, a backward 2.
@@ -70,8 +70,8 @@ def measure(quick: bool) -> dict:
     """Run every measurement; returns the raw results."""
     import numpy  # noqa: F401  (imported here so the orchestrator's own CPU time is counted from the start)
 
-    res: dict = {"start": datetime.datetime.now().astimezone(), "load_start": load_average(),
-                 "busy_start": busy_cpu_seconds(), "own_start": own_cpu_seconds(), "wall_start": time.time()}
+    res: dict = {"start": datetime.datetime.now().astimezone()}
+    disturbance = Disturbance().start()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         worker("make_model", quick, model_dir)
@@ -85,9 +85,9 @@ def measure(quick: bool) -> dict:
                 if ("jax", loss, remat, ref) not in res:
                     res["jax", loss, remat, ref] = worker("jax", quick, model_dir, loss, remat, ref)
     res["logits"] = worker("logits_memory", quick)
-    res["load_end"] = load_average()
-    res["wall_s"] = time.time() - res["wall_start"]
-    res["foreign_cpu_s"] = (busy_cpu_seconds() - res["busy_start"]) - (own_cpu_seconds() - res["own_start"])
+    disturbance.stop()
+    res.update(load_start=disturbance.load_start, load_end=disturbance.load_end, wall_s=disturbance.seconds,
+               foreign_cpu_s=disturbance.foreign_cpu_s)
     return res
 
 

@@ -48,7 +48,8 @@ def test_smollm2_greedy_matches_transformers(tmp_path):
     cmd = [sys.executable, "-m", "simpo_jax.generate", "--config", str(ROOT / "configs" / "base.py"),
            f"--config.model.hf_path={path}", "--config.model.dtype=float32",
            f"--config.generate.prompts={tmp_path / 'prompts.jsonl'}", f"--config.generate.max_new_tokens={NEW}",
-           "--config.generate.batch_size=4", "--config.logging.progress_bar=False", f"--output={tmp_path / 'out.jsonl'}"]
+           "--config.generate.batch_size=4", "--config.logging.progress_bar=False",
+           f"--output={tmp_path / 'out.jsonl'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]

@@ -27,7 +27,7 @@ from simpo_jax.config import MODEL_RUNTIME, RunConfig, build_run_config
 from simpo_jax.data import load_tokenizer
 from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.errors import check
-from simpo_jax.generate.prompts import Prompt, build_prompts, cut_prompts, load_rows
+from simpo_jax.generate.prompts import Prompt, build_prompts, load_rows, report_cut_prompts
 from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
 from simpo_jax.models.decoder import Decoder
 from simpo_jax.models.hf_import import load_hf
@@ -153,9 +153,7 @@ def generate(config: Any, output: str) -> int:
     tokenizer = load_tokenizer_for(rc, source)
     rows, dataset = load_rows(gen, rc.data, rc.run["data_extras"])
     prompts = build_prompts(rows, dataset, gen, rc.data, tokenizer)
-    cut = cut_prompts(prompts, gen, rc.data.max_prompt_length)
-    if cut and main:
-        print(cut, flush=True)
+    report_cut_prompts(prompts, gen, rc.data.max_prompt_length)
     todo = _todo(prompts, gen.num_samples, output)
     if not todo:
         return 0

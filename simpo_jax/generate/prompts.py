@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
+import jax
 from jinja2 import TemplateError
 
 from simpo_jax.data.config import DataConfig
@@ -134,18 +135,20 @@ def build_prompts(rows: list[dict], dataset: str, gen: GenerateConfig, data: Dat
     return out
 
 
-def cut_prompts(prompts: list[Prompt], gen: GenerateConfig, data_max_prompt_length: int, what: str = "prompts") -> str:
-    """One line counting the prompts longer than the largest prompt bucket ("" when none is): they keep their last
-    tokens, which changes the answer, so the line names the field to raise."""
+def report_cut_prompts(prompts: list[Prompt], gen: GenerateConfig, data_max_prompt_length: int,
+                       what: str = "prompts") -> int:
+    """How many prompts are longer than the largest prompt bucket; process 0 says so in one line when any is
+    (they keep their last tokens, which changes the answer, so the line names the field to raise)."""
     longest = max(gen.buckets(data_max_prompt_length))
     cut = sum(len(p.ids) > longest for p in prompts)
-    if not cut:
-        return ""
+    if not cut or jax.process_index() != 0:
+        return cut
     if gen.prompt_buckets is not None:
         field = "generate.prompt_buckets (its largest bucket)"
     elif gen.max_prompt_length:
         field = "generate.max_prompt_length"
     else:
         field = f"generate.max_prompt_length (0: data.max_prompt_length, {data_max_prompt_length})"
-    return (f"warning: {cut} of {len(prompts)} {what} are longer than {longest} tokens and keep only their last "
-            f"{longest}; raise {field} to keep them whole")
+    print(f"warning: {cut} of {len(prompts)} {what} are longer than {longest} tokens and keep only their last "
+          f"{longest}; raise {field} to keep them whole", flush=True)
+    return cut

@@ -36,7 +36,7 @@ from flax import nnx
 from simpo_jax.distributed import broadcast_text
 from simpo_jax.errors import check
 from simpo_jax.generate.config import PROMPT_COLUMNS
-from simpo_jax.generate.prompts import build_prompts, cut_prompts, load_rows
+from simpo_jax.generate.prompts import build_prompts, load_rows, report_cut_prompts
 from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.generate.sampler import Sampler, SamplingParams, stop_ids
 from simpo_jax.judging.counting import counting_accuracy, counting_correct
@@ -83,9 +83,7 @@ class GenerationMonitor:
         rows, name = held_out_rows(rc, gen)
         check(bool(rows), "train", "generate_prompts", "the held-out split has no rows")
         self.prompts = build_prompts(rows, name, gen, rc.data, tokenizer)
-        cut = cut_prompts(self.prompts, gen, rc.data.max_prompt_length, "held-out prompts")
-        if cut and self.main:
-            print(cut, flush=True)
+        report_cut_prompts(self.prompts, gen, rc.data.max_prompt_length, "held-out prompts")
         column = gen.prompt_column or next(c for c in PROMPT_COLUMNS if c in rows[0])
         self.judge_prompts = [_judge_prompt(row[column]) for row in rows]
         model = nnx.merge(graphdef, params)  # on the training params (no copy); each call swaps in the current ones

@@ -27,7 +27,7 @@ from simpo_jax.data.pipeline import resolve_template
 from simpo_jax.errors import UserError, check
 from simpo_jax.generate.cli import build_sampler, load_model, load_tokenizer_for, model_source, prompt_key
 from simpo_jax.generate.config import GenerateConfig
-from simpo_jax.generate.prompts import cut_prompts
+from simpo_jax.generate.prompts import report_cut_prompts
 from simpo_jax.onpolicy.choose import binarize
 from simpo_jax.onpolicy.config import SAMPLING
 from simpo_jax.onpolicy.files import (check_manifest, from_main, read_lines, remove_partial_files, shard_path,
@@ -172,9 +172,7 @@ class Builder:
                                          len(self.op.splits))
             prompts, repeats = build_split_prompts(rows, name, self.gen, self.rc.data, self.tokenizer,
                                                    self.has_template)
-            cut = cut_prompts(prompts, self.gen, self.rc.data.max_prompt_length, f"{split} prompts")
-            if cut and self.main:
-                print(cut, flush=True)
+            report_cut_prompts(prompts, self.gen, self.rc.data.max_prompt_length, f"{split} prompts")
             ids = {p.prompt_id for p in prompts}
             size = self.op.shard_prompts
             shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
@@ -262,8 +260,8 @@ class Builder:
                 samples.append({"seed": int(seed), "text": answer_text(self.tokenizer, p.ids, c.tokens, prompt_text),
                                 "tokens": len(c.tokens), "finish_reason": c.finish_reason})
             records.append({"prompt_id": p.prompt_id, "instruction": p.instruction, "turns": p.turns,
-                            "text": p.text, "format_prompt": p.rendered, "prompt_tokens": len(p.ids), "prompt_cut": len(p.ids) > longest,
-                            "samples": samples})
+                            "text": p.text, "format_prompt": p.rendered, "prompt_tokens": len(p.ids),
+                            "prompt_cut": len(p.ids) > longest, "samples": samples})
         return records
 
     def score(self, records: list[dict]) -> list[dict]:
